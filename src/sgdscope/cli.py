@@ -1,0 +1,150 @@
+"""The ``sgdscope`` command line. Exit codes: 0 success, 2 bad input (one line on stderr), 1 internal
+error or divergence, 130 interrupted (the run can be resumed with ``--resume``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sgdscope.errors import DivergenceError, SgdscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Watch SGD walk through a neural network's loss landscape.")
+
+
+def _fail(code: int, msg: str) -> None:
+    typer.echo(f"sgdscope: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Turn known errors into one line and an exit code; tracebacks only with SGDSCOPE_DEBUG=1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except typer.Exit:
+            raise
+        except SgdscopeError as err:
+            _fail(2, f"error: {err}")
+        except DivergenceError as err:
+            _fail(1, f"diverged: {err}")
+        except KeyboardInterrupt:
+            _fail(130, "interrupted; measured rows are kept, continue with --resume")
+        except Exception as err:  # noqa: BLE001
+            if os.environ.get("SGDSCOPE_DEBUG"):
+                raise
+            _fail(1, f"internal error: {type(err).__name__}: {err} (set SGDSCOPE_DEBUG=1 for the traceback)")
+
+    return wrapper
+
+
+def _load(config: str, overrides: list[str], device: Optional[str]):
+    from sgdscope.config import apply_overrides, validate
+    from sgdscope.recipes import resolve
+
+    raw, meta = resolve(config)
+    if device:
+        overrides = [*overrides, f"device={device}"]
+    return validate(apply_overrides(raw, overrides)), meta
+
+
+def _summary(path: Path) -> None:
+    from sgdscope.store import RunStore
+
+    s = RunStore(path)
+    ep = s.table("epoch")
+    typer.echo(f"run: {path}")
+    if len(ep):
+        last = ep.iloc[-1]
+        typer.echo(
+            f"  epoch {int(last.epoch)}: train loss {last.train_loss:.4f} acc {last.train_acc:.3f} | "
+            f"val acc {last.val_acc:.3f} | test acc {last.test_acc:.3f}"
+        )
+    counts = ", ".join(f"{t} ({len(s.table(t))} rows)" for t in s.tables())
+    typer.echo(f"  tables: {counts}")
+
+
+@app.command("run")
+@_guard
+def run_cmd(
+    config: Annotated[str, typer.Argument(help="YAML config file or bundled recipe name")],
+    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. optimizer.lr=0.05")] = [],
+    out: Annotated[Optional[Path], typer.Option(help="run directory")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
+    on_nan: Annotated[Optional[str], typer.Option("--on-nan", help="stop | skip")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="mirror scalars to RUN_DIR/tb")] = False,
+) -> None:
+    """Train one run with its probes, writing a run directory."""
+    from sgdscope.train import run
+
+    extra = ([f"on_nan={on_nan}"] if on_nan else []) + (["tensorboard=true"] if tensorboard else [])
+    cfg, _ = _load(config, [*set_, *extra], device)
+    if resume and out is None:
+        _fail(2, "error: --resume needs --out RUN_DIR")
+    path = run(cfg, out, resume=resume, progress=True)
+    _summary(path)
+
+
+@app.command()
+@_guard
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="run directory")],
+    format: Annotated[str, typer.Option("--format", help="csv | parquet")] = "csv",
+    out: Annotated[Optional[Path], typer.Option(help="folder for the files (default RUN_DIR/export)")] = None,
+) -> None:
+    """Write every table of a run as CSV or Parquet files."""
+    from sgdscope.errors import ConfigError
+    from sgdscope.store import RunStore
+
+    if format not in ("csv", "parquet"):
+        raise ConfigError(f"--format: {format!r} is not one of csv, parquet")
+    store = RunStore(run_dir)
+    dest = out or run_dir / "export"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in store.tables():
+        df = store.table(name)
+        path = dest / f"{name}.{format}"
+        if format == "csv":
+            df.to_csv(path, index=False)
+        else:
+            try:
+                df.to_parquet(path, index=False)
+            except ImportError:
+                raise ConfigError("--format parquet needs pyarrow: pip install 'sgdscope[parquet]'") from None
+        typer.echo(str(path))
+
+
+@app.command()
+@_guard
+def recipes() -> None:
+    """List the bundled reproductions: what each reproduces, its size and the claim it tests."""
+    from sgdscope.recipes import list_recipes
+
+    for r in list_recipes():
+        grid = f"  grid: {', '.join(f'{k}={v}' for k, v in r.grid.items())}" if r.grid else ""
+        typer.echo(f"{r.name:34s} [{r.size}] {r.reproduces}\n{'':37s}claim: {r.claim}{grid}")
+
+
+@app.command()
+@_guard
+def demo(out: Annotated[Path, typer.Option(help="where to write the demo")] = Path("demo-out")) -> None:
+    """The tour: a short run on the embedded digits set, with measurements and a report."""
+    from sgdscope.demo import demo as run_demo
+
+    run_demo(out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

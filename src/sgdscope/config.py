@@ -1,0 +1,283 @@
+"""The run and sweep configuration: pydantic models, YAML loading and ``--set a.b=c`` overrides.
+
+Every error is turned into a one-line :class:`~sgdscope.errors.ConfigError` that names the field and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sgdscope.errors import ConfigError
+
+Every = Union[Literal["epoch"], int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: Literal[
+        "digits", "mnist1d", "synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "ptb"
+    ] = "digits"
+    root: Optional[str] = None
+    train_size: Optional[int] = Field(None, gt=0)
+    val_size: Optional[int] = Field(None, ge=0)
+    test_size: Optional[int] = Field(None, ge=0)
+    augment: bool = False
+    flatten: bool = False  # images as flat vectors (for MLPs)
+    # synthetic teacher-student set
+    n_samples: int = Field(2000, gt=0)
+    input_shape: list[int] = Field(default_factory=lambda: [20])
+    num_classes: int = Field(10, ge=2)
+    # mnist1d
+    mnist1d_samples: int = Field(5000, gt=0)
+    # ptb
+    seq_len: int = Field(20, gt=0)
+    # tiny-imagenet subset
+    tiny_classes: Optional[int] = Field(None, gt=0)
+    tiny_per_class: Optional[int] = Field(None, gt=0)
+
+
+class ModelConfig(_Strict):
+    name: Literal["mlp", "simplecnn", "vgg11", "resnet32", "resnet56", "lstm"] = "mlp"
+    batchnorm: bool = False
+    widths: list[int] = Field(default_factory=lambda: [100, 100])  # mlp hidden widths
+    filters: Optional[list[int]] = None  # simplecnn; default per variant
+    kernel_size: Optional[int] = Field(None, gt=0)  # simplecnn; default per variant
+    padding: Literal["same", "valid"] = "same"  # simplecnn conv2/conv4: paper 'same', released code 'valid'
+    variant: Literal["standard", "medium"] = "standard"
+    width_factor: float = Field(1.0, gt=0)  # scales channels of simplecnn / vgg / resnet for CPU-sized runs
+    blocks_per_stage: Optional[int] = Field(None, gt=0)  # resnet override (32 -> 5, 56 -> 9)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    hidden: int = Field(200, gt=0)  # lstm
+    layers: int = Field(2, gt=0)  # lstm
+    embed: int = Field(200, gt=0)  # lstm
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "nsgd", "gd", "noisy_gd"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(128, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0)
+    k: int = Field(5, gt=0)
+    mode: Literal["scale", "only", "remove", "fixed"] = "scale"
+    refresh: Every = "epoch"  # nsgd: how often U is recomputed
+    noise_factor: float = Field(0.0, ge=0)
+    noise_scales: Literal["std", "variance"] = "std"  # code used std; paper says variance
+    gd_chunk: int = Field(1000, gt=0)  # gd / noisy_gd: examples per chunk (exactly weighted)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "step", "cyclic", "trapezoid", "plateau"] = "constant"
+    # step: lr * factor^(number of milestones passed); milestones in epochs
+    milestones: list[float] = Field(default_factory=list)
+    factor: float = Field(0.1, gt=0)
+    # cyclic (triangular CLR) and trapezoid; in steps
+    base_lr: Optional[float] = Field(None, gt=0)
+    max_lr: Optional[float] = Field(None, gt=0)
+    step_size: int = Field(100, gt=0)
+    t_up: int = Field(100, ge=0)
+    t_flat: int = Field(100, ge=0)
+    t_down: int = Field(100, gt=0)
+    # plateau
+    monitor: Literal["val_loss", "val_acc", "train_loss", "train_acc"] = "val_loss"
+    patience: int = Field(10, ge=0)
+    threshold: float = Field(1e-4, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, gt=0)
+    epoch_size: Optional[int] = Field(None, gt=0)  # examples per "epoch" (the papers' zoom)
+    eval_batch_size: int = Field(1000, gt=0)
+    checkpoint_every: Every = "epoch"
+    early_stop_patience: Optional[int] = Field(None, gt=0)  # epochs without val-acc improvement
+
+
+class MeasureConfig(_Strict):
+    subset: float = Field(0.05, gt=0, le=1)
+    min_subset: int = Field(1000, ge=1)
+    bn_policy: Literal["eval", "train-restore", "train"] = "train-restore"
+    batch_size: int = Field(1000, gt=0)
+    include_l2: bool = True
+
+
+class _Probe(_Strict):
+    every: Every = "epoch"
+    first_steps: int = Field(0, ge=0)  # zoom: also measure at every step < first_steps
+
+
+class EigenProbe(_Probe):
+    k: int = Field(5, gt=0, le=100)
+    which: Literal["LA", "LM"] = "LA"
+    tol: float = Field(1e-3, gt=0)
+    max_hvps: int = Field(500, gt=0)
+    save_vectors: bool = False
+
+
+class DirectionProbe(_Probe):
+    eigen_indices: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    ks: list[float] = Field(default_factory=lambda: [0, 0.25, -0.25, 0.5, -0.5, 1, -1, 2, -2, 4, -4, 8, -8, 16, -16])
+    n_grads: int = Field(10, gt=0)
+    thresholds: list[float] = Field(default_factory=lambda: [0.01, 0.1])
+
+    @field_validator("eigen_indices")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("must be a non-empty list of 1-based eigen indices")
+        return v
+
+
+class AlphaStepProbe(_Probe):
+    eigen_indices: list[int] = Field(default_factory=lambda: [1])
+    alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1, 2, 4])
+    n_grads: int = Field(10, gt=0)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class InterpolationProbe(_Probe):
+    every: Every = 1
+    epochs: Optional[list[int]] = Field(default_factory=lambda: [1])  # None: every epoch
+    alphas: Union[int, list[float]] = 10
+    subset: Literal["full", "measure"] = "full"
+    height: Literal["start", "end", "mean"] = "start"
+
+    @field_validator("alphas")
+    @classmethod
+    def _grid(cls, v: Union[int, list[float]]) -> Union[int, list[float]]:
+        if isinstance(v, int):
+            if v < 2:
+                raise ValueError("needs at least 2 points")
+            return v
+        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 0 or v[-1] > 1:
+            raise ValueError("must be a sorted list of at least 2 distinct values in [0, 1]")
+        return v
+
+
+class AlignmentProbe(_Probe):
+    pass
+
+
+class ProbesConfig(_Strict):
+    eigen: Optional[EigenProbe] = None
+    direction: Optional[DirectionProbe] = None
+    alpha_step: Optional[AlphaStepProbe] = None
+    interpolation: Optional[InterpolationProbe] = None
+    alignment: Optional[AlignmentProbe] = None
+
+
+class RunConfig(_Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    on_nan: Literal["stop", "skip"] = "stop"
+    tensorboard: bool = False
+    start_from: Optional[str] = None  # a checkpoint (.pt) whose model weights start this run
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunConfig":
+        if self.optimizer.name == "nsgd" and self.probes.eigen is not None and self.probes.eigen.k < self.optimizer.k:
+            raise ValueError(f"optimizer.k ({self.optimizer.k}) must be <= probes.eigen.k ({self.probes.eigen.k})")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "literal_error":
+        msg = "must be one of " + msg.split("Input should be ", 1)[-1]
+    msg = msg.removeprefix("Value error, ")
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}; got {e.get('input')!r}{extra}"
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`; errors become one-line ConfigErrors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse the value of ``--set key=value`` as YAML (so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a raw config mapping (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, for example optimizer.lr=0.05")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (ConfigError if absent or not YAML)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: no such file {str(p)!r}; give a YAML file or a recipe name (see `sgdscope recipes`)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8", errors="strict"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config: {p} is not valid YAML ({first})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {p} must hold a mapping of keys to values")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML file (or defaults when ``path`` is None), apply ``--set`` overrides and validate."""
+    raw = load_raw(path) if path is not None else {}
+    return validate(apply_overrides(raw, list(overrides or [])))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The fully resolved config as plain YAML-able data."""
+    return cfg.model_dump(mode="json")
