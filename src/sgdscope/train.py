@@ -75,7 +75,7 @@ class Trainer:
         self.store: RunStore | None = None  # attached by run() once everything validated
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.data, cfg.seed, device)
-        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(device)
+        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, task=self.data.task).to(device)
         if cfg.start_from:
             self.model.load_state_dict(_load_checkpoint(Path(cfg.start_from))["model"])
         self.loss_fn = cross_entropy
