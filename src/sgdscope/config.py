@@ -70,6 +70,8 @@ class OptimizerConfig(_Strict):
     k: int = Field(5, gt=0)
     mode: Literal["scale", "only", "remove", "fixed"] = "scale"
     refresh: Every = "epoch"  # nsgd: how often U is recomputed
+    freeze_subspace: bool = False  # nsgd: keep the first U (with mode=only and k=1: "SGD constant top")
+    nudge_from: int = Field(0, ge=0)  # nsgd: plain SGD before this step, so variants share one start point
     noise_factor: float = Field(0.0, ge=0)
     noise_scales: Literal["std", "variance"] = "std"  # code used std; paper says variance
     gd_chunk: int = Field(1000, gt=0)  # gd / noisy_gd: examples per chunk (exactly weighted)
@@ -91,6 +93,7 @@ class ScheduleConfig(_Strict):
     monitor: Literal["val_loss", "val_acc", "train_loss", "train_acc"] = "val_loss"
     patience: int = Field(10, ge=0)
     threshold: float = Field(1e-4, ge=0)
+    threshold_mode: Literal["abs", "rel"] = "abs"  # abs: Keras ReduceLROnPlateau (the NSGD code); rel: torch's
     min_lr: float = Field(0.0, ge=0)
 
 

@@ -221,15 +221,15 @@ class Trainer:
         return row, theta_prev, grad
 
     def _refresh_subspace(self, step: int) -> None:
+        """Nudged-SGD: (re)compute U from the eigen tracker when due (from ``nudge_from`` on)."""
         o = self.cfg.optimizer
-        if o.name != "nsgd":
+        if o.name != "nsgd" or step < o.nudge_from or self.optimizer.frozen:
             return
-        due = step == 0 or (o.refresh == "epoch" and step % self.steps_per_epoch == 0) or (
-            o.refresh != "epoch" and step % o.refresh == 0
-        )
-        if due and not (o.mode == "fixed" and self.optimizer.has_subspace):
+        since = step - o.nudge_from
+        every = self.steps_per_epoch if o.refresh == "epoch" else o.refresh
+        if since % every == 0 or self.optimizer.subspace is None:
             res = self.ctx.tracker.get(step, o.k)
-            self.optimizer.set_subspace(res.vectors[: o.k])
+            self.optimizer.set_subspace(res.vectors[: o.k], freeze=o.freeze_subspace)
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate_epoch(self) -> dict[str, Any]:

@@ -1,0 +1,24 @@
+"""Loss landscapes seen by SGD: interpolation between iterates, valleys, loss along sharp directions."""
+
+from sgdscope.landscape.directions import (
+    alpha_step_changes,
+    k_min,
+    minibatch_grads,
+    random_direction,
+    typical_step,
+)
+from sgdscope.landscape.interpolate import interpolate, loss_along, loss_at_points
+from sgdscope.landscape.valley import ValleyProfile, valley_profile
+
+__all__ = [
+    "ValleyProfile",
+    "alpha_step_changes",
+    "interpolate",
+    "k_min",
+    "loss_along",
+    "loss_at_points",
+    "minibatch_grads",
+    "random_direction",
+    "typical_step",
+    "valley_profile",
+]

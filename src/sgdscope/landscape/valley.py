@@ -1,0 +1,103 @@
+"""The valley seen between two consecutive iterates (Xing et al. 2018, sec. 3).
+
+Given the interpolated losses L(α) = L((1−α)θ_t + αθ_{t+1}) on a grid that contains both end points:
+
+* valley floor y_t = min_α L(α);
+* height of the iterate above the floor h_t = L(0) − y_t (options: L(1) − y_t, or ½(L(0)+L(1)) − y_t);
+* a barrier is crossed when some interior point 0 < α < 1 is strictly higher than both end points
+  (the paper's footnote 1); its height is max_interior L − max(L(0), L(1)).
+
+NaN losses (a diverged evaluation) are treated as missing points: they are skipped for the floor and for
+the barrier. A NaN end point makes the height (and the barrier height) NaN, and no barrier is reported,
+because "higher than both end points" is undefined. +inf is an ordinary, very high loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import Tensor
+
+from sgdscope.errors import ConfigError
+
+HEIGHTS = ("start", "end", "mean")
+
+
+@dataclass(frozen=True)
+class ValleyProfile:
+    """The valley summary of one interpolation (all plain Python numbers; see :func:`valley_profile`)."""
+
+    floor: float
+    argmin_alpha: float
+    interior_min: bool
+    height: float
+    barrier: bool
+    barrier_height: float
+    left_loss: float
+    right_loss: float
+
+
+def _as_list(values: Sequence[float] | Tensor) -> list[float]:
+    if isinstance(values, Tensor):
+        return [float(v) for v in values.detach().reshape(-1).cpu()]
+    return [float(v) for v in values]
+
+
+def valley_profile(
+    losses: Sequence[float] | Tensor,
+    alphas: Sequence[float] | Tensor,
+    height: str = "start",
+    rel_tol: float = 0.0,
+    abs_tol: float = 0.0,
+) -> ValleyProfile:
+    """Floor, height and barrier of an interpolated loss curve L(α) with α ∈ [0, 1], 0 and 1 included.
+
+    * ``floor`` = min_α L(α); ``argmin_alpha`` = the α attaining it, preferring an end point on ties (then
+      the smallest α), so ``interior_min`` ⇔ 0 < argmin_alpha < 1 ⇔ the floor is strictly below both end
+      points.
+    * ``height``: ``"start"`` L(0) − floor, ``"end"`` L(1) − floor, ``"mean"`` ½(L(0)+L(1)) − floor.
+    * ``barrier``: some interior L(α) > m + max(abs_tol, rel_tol·|m|), with m = max(L(0), L(1)); with the
+      default tolerances 0 this is "strictly higher than both end points", so an interior point that ties
+      with an end point is no barrier. ``barrier_height`` = max_interior L − m if a barrier, else 0.
+
+    Raises ConfigError if ``alphas`` lacks 0 or 1, leaves [0, 1], or does not match ``losses`` in length.
+
+    >>> p = valley_profile([1.0, 0.4, 0.5, 0.9], [0, 1/3, 2/3, 1])
+    >>> (p.floor, p.interior_min, round(p.height, 6), p.barrier)
+    (0.4, True, 0.6, False)
+    >>> p = valley_profile([1.0, 1.5, 0.5], [0, 0.5, 1], height="mean")
+    >>> (p.barrier, p.barrier_height, p.height, p.argmin_alpha)
+    (True, 0.5, 0.25, 1.0)
+    """
+    ls, al = _as_list(losses), _as_list(alphas)
+    if len(ls) != len(al):
+        raise ConfigError(f"valley_profile: {len(ls)} losses for {len(al)} alphas")
+    if 0.0 not in al or 1.0 not in al:
+        raise ConfigError("valley_profile: alphas must include both end points 0 and 1")
+    if min(al) < 0.0 or max(al) > 1.0:
+        raise ConfigError("valley_profile: alphas must lie in [0, 1]")
+    if height not in HEIGHTS:
+        raise ConfigError(f"valley_profile: height {height!r} is not one of {', '.join(HEIGHTS)}")
+    left, right = ls[al.index(0.0)], ls[al.index(1.0)]
+    interior = [(a, l) for a, l in zip(al, ls) if 0.0 < a < 1.0 and not math.isnan(l)]
+
+    ends = [(a, l) for a, l in ((0.0, left), (1.0, right)) if not math.isnan(l)]
+    candidates = sorted(ends) + sorted(interior)  # ends first: min() keeps the first of equal losses
+    argmin_alpha, floor = min(candidates, key=lambda c: c[1]) if candidates else (math.nan, math.nan)
+
+    top = math.nan if math.isnan(left) or math.isnan(right) else max(left, right)
+    peak = max((l for _, l in interior), default=-math.inf)
+    barrier = not math.isnan(top) and peak > top + max(abs_tol, rel_tol * abs(top))
+    reference = {"start": left, "end": right, "mean": 0.5 * (left + right)}[height]
+    return ValleyProfile(
+        floor=floor,
+        argmin_alpha=argmin_alpha,
+        interior_min=0.0 < argmin_alpha < 1.0,
+        height=reference - floor,
+        barrier=barrier,
+        barrier_height=peak - top if barrier else (math.nan if math.isnan(top) else 0.0),
+        left_loss=left,
+        right_loss=right,
+    )
