@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -77,7 +79,11 @@ class Trainer:
         self.data = load_dataset(cfg.data, cfg.seed, device)
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, task=self.data.task).to(device)
         if cfg.start_from:
-            self.model.load_state_dict(_load_checkpoint(Path(cfg.start_from))["model"])
+            try:
+                self.model.load_state_dict(_load_checkpoint(Path(cfg.start_from))["model"])
+            except (RuntimeError, TypeError, ValueError, AttributeError) as err:  # another model's weights
+                first = (str(err).strip().splitlines() or ["mismatch"])[0].rstrip(":")
+                raise RunStoreError(f"start_from: {cfg.start_from} does not fit this model ({first})") from None
         self.loss_fn = cross_entropy
         self.params = [p for _, p in named_trainable(self.model)]
         n_train = len(self.data.train.x)
@@ -144,7 +150,7 @@ class Trainer:
         """What the run config records beside the user's keys: versions, data provenance, sizes."""
         return {
             "versions": {
-                "sgdscope": sgdscope.__version__, "torch": torch.__version__,
+                "sgdscope": str(sgdscope.__version__), "torch": str(torch.__version__),
                 "python": platform.python_version(), "device": str(self.device),
             },
             "resolved": {
@@ -177,7 +183,7 @@ class Trainer:
         out = self.model(x)
         loss = self.loss_fn(out, y)
         (loss + l2_penalty(self.params, self.cfg.optimizer.weight_decay)).backward()
-        return float(loss), float((out.argmax(-1) == y).float().mean())
+        return float(loss.detach()), float((out.argmax(-1) == y).float().mean())
 
     def _grad_full(self) -> tuple[float, float]:
         """Exact mean gradient over the training set in chunks: ∇ Σ_c (n_c/N)·L_c."""
@@ -188,7 +194,7 @@ class Trainer:
             out = self.model(x)
             loss = self.loss_fn(out, y)
             (loss * (n_targets(y) / n)).backward()
-            loss_sum += float(loss) * n_targets(y)
+            loss_sum += float(loss.detach()) * n_targets(y)
             correct += float((out.argmax(-1) == y).sum())
         l2 = l2_penalty(self.params, self.cfg.optimizer.weight_decay)
         if torch.is_tensor(l2):
@@ -211,13 +217,36 @@ class Trainer:
         if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
             what = "loss" if not math.isfinite(loss) else "gradient"
             val = loss if what == "loss" else "non-finite"
-            raise DivergenceError(f"{what} became {val} at step {step + 1}, lr {lr:g}")
+            reason = f"{what} became {val} at step {step + 1}, lr {lr:g}"
+            if self.cfg.on_nan != "skip":
+                raise DivergenceError(reason)
+            return self._skip_step(step, epoch, lr, loss, acc, grad, theta_prev, reason)
         self._refresh_subspace(step)
         self.optimizer.step()
         self.step = step + 1
         theta = get_flat(self.model)
         row = {"step": self.step, "epoch": epoch, "lr": lr, "batch_loss": loss, "batch_acc": acc}
         row.update(self.stats.row(grad, theta, self.theta0, 2 * wd * theta_prev if wd > 0 else None))
+        if self.cfg.on_nan == "skip":
+            row["skipped"] = 0
+        return row, theta_prev, grad
+
+    def _skip_step(self, step: int, epoch: int, lr: float, loss: float, acc: float, grad: Tensor,
+                   theta_prev: Optional[Tensor], reason: str) -> tuple[dict[str, Any], Optional[Tensor], Tensor]:
+        """``on_nan: skip``: drop the update of a step whose loss or gradient is non-finite (θ_{t+1} = θ_t,
+        optimizer state untouched) and log its row with ``skipped = 1``; non-finite parameters still stop the
+        run, since no later step could recover from them. The cosine of the next step is taken with the last
+        gradient that was used."""
+        self.optimizer.zero_grad(set_to_none=True)
+        theta = get_flat(self.model)
+        if not bool(torch.isfinite(theta).all()):
+            raise DivergenceError(f"parameters became non-finite at step {step + 1}, lr {lr:g} ({reason})")
+        self.step = step + 1
+        row = {
+            "step": self.step, "epoch": epoch, "lr": lr, "batch_loss": loss, "batch_acc": acc,
+            "grad_norm": float(grad.norm()), "param_distance": float((theta - self.theta0).norm()),
+            "grad_cosine_prev": float("nan"), "skipped": 1,
+        }
         return row, theta_prev, grad
 
     def _refresh_subspace(self, step: int) -> None:
@@ -359,10 +388,21 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunStoreError(f"checkpoint: no file {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: one line on stderr only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not ours"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise RunStoreError(f"checkpoint: {path} is not a sgdscope checkpoint ({first})") from None
+        text = str(err)
+        if "Weights only load failed" in text:  # torch goes on to advise weights_only=False: never do that
+            detail = re.search(r"Unsupported [^.\n]*", text)
+            first = "it holds objects other than tensors and containers; refused by weights_only=True"
+            first += f": {detail.group(0)}" if detail else ""
+        else:
+            first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+        raise RunStoreError(f"checkpoint: {path} is not a sgdscope checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise RunStoreError(f"checkpoint: {path} is not a sgdscope checkpoint (no 'model' state dict)")
+    return state
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -411,7 +451,10 @@ def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *,
     else:
         ckpt = store.path / "checkpoints" / "last.pt"
         if ckpt.is_file():
-            trainer.load_checkpoint(_load_checkpoint(ckpt))
+            state = _load_checkpoint(ckpt)
+            if state.get("format") != 1:
+                raise RunStoreError(f"checkpoint: {ckpt} is not a sgdscope run checkpoint (format {state.get('format')!r})")
+            trainer.load_checkpoint(state)
         store.truncate_after(trainer.step if ckpt.is_file() else -1)
     trainer.attach(store)
     store.set_status("running", step=trainer.step, epoch=trainer.epoch)

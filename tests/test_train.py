@@ -1,0 +1,162 @@
+"""The trainer: determinism, non-perturbation by probes, resume, divergence and clean input errors."""
+
+import json
+
+import pytest
+import torch
+
+from sgdscope.config import validate
+from sgdscope.errors import ConfigError, DivergenceError, RunStoreError
+from sgdscope.store import RunStore
+from sgdscope.train import run
+
+
+def tiny(**over):
+    cfg = {
+        "seed": 3,
+        "device": "cpu",
+        "data": {"name": "synthetic", "n_samples": 300, "input_shape": [6], "num_classes": 3},
+        "model": {"name": "mlp", "widths": [8]},
+        "optimizer": {"name": "sgd", "lr": 0.2, "batch_size": 32},
+        "train": {"epochs": 2},
+        "measure": {"subset": 0.5, "min_subset": 50, "batch_size": 64},
+    }
+    for k, v in over.items():
+        node = cfg
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return cfg
+
+
+ALL_PROBES = {
+    "eigen": {"every": 4, "k": 2, "tol": 1e-2},
+    "direction": {"every": "epoch", "eigen_indices": [1, 2], "n_grads": 3},
+    "alpha_step": {"every": "epoch", "eigen_indices": [1], "n_grads": 3},
+    "alignment": {"every": "epoch"},
+    "interpolation": {"every": 2, "epochs": [1], "alphas": 4},
+}
+
+
+def final_params(path):
+    return torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_tables_filled_and_config_resolved(tmp_path):
+    out = run(tiny(probes=ALL_PROBES), tmp_path / "r", progress=False)
+    s = RunStore(out)
+    assert s.status()["state"] == "done"
+    spe = s.config()["resolved"]["steps_per_epoch"]
+    assert spe == 7  # 300 examples: 60 test, 24 validation, 216 train → ceil(216 / 32) batches
+    n_steps = 2 * spe
+    train = s.table("train")
+    assert train["step"].tolist() == list(range(1, n_steps + 1))
+    assert train["grad_cosine_prev"].isna().sum() == 1  # only the first step has no predecessor
+    assert len(s.table("epoch")) == 2
+    eig = s.table("eigen")
+    assert sorted(eig["step"].unique()) == [0, 4, 8, 12]
+    assert set(s.tables()) >= {"train", "epoch", "eigen", "curvature", "direction", "k_min", "alpha_step",
+                               "alignment", "interpolation", "valley"}
+    assert s.table("valley")["step"].tolist() == [0, 2, 4, 6]  # every 2nd segment of epoch 1
+    cfg = s.config()
+    assert cfg["resolved"]["bn_policy"] == "train-restore" and cfg["versions"]["torch"] == torch.__version__
+    assert validate({k: v for k, v in cfg.items() if k not in ("versions", "resolved")}).seed == 3
+
+
+def test_probes_do_not_perturb_training(tmp_path):
+    a = run(tiny(), tmp_path / "a", progress=False)
+    b = run(tiny(probes=ALL_PROBES), tmp_path / "b", progress=False)
+    pa, pb = final_params(a), final_params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert RunStore(a).table("train")["batch_loss"].equals(RunStore(b).table("train")["batch_loss"])
+
+
+def test_probes_do_not_perturb_bn_dropout_augmented_training(tmp_path):
+    over = {"model.batchnorm": True, "model.dropout": 0.2}
+    a = run(tiny(**over), tmp_path / "a", progress=False)
+    b = run(tiny(probes=ALL_PROBES, **over), tmp_path / "b", progress=False)
+    pa, pb = final_params(a), final_params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)  # includes BN running statistics
+
+
+def test_same_seed_same_tables(tmp_path):
+    a = run(tiny(probes=ALL_PROBES), tmp_path / "a", progress=False)
+    b = run(tiny(probes=ALL_PROBES), tmp_path / "b", progress=False)
+    for t in RunStore(a).tables():
+        da, db = RunStore(a).table(t), RunStore(b).table(t)
+        assert da.equals(db), t
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
+    ref = run(tiny(probes=ALL_PROBES, **{"train.epochs": 3}), tmp_path / "ref", progress=False)
+    from sgdscope import train as train_mod
+
+    calls = {"n": 0}
+    orig = train_mod.Trainer.train_step
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 11:  # mid-epoch 2, after the epoch-1 checkpoint
+            raise KeyboardInterrupt
+        return orig(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", flaky)
+    cfg = tiny(probes=ALL_PROBES, **{"train.epochs": 3})
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "interrupted"
+    assert len(RunStore(tmp_path / "r").table("train")) == 10  # committed rows kept
+    monkeypatch.setattr(train_mod.Trainer, "train_step", orig)
+    run(cfg, tmp_path / "r", resume=True, progress=False)
+    for t in RunStore(ref).tables():
+        da = RunStore(ref).table(t)
+        db = RunStore(tmp_path / "r").table(t)
+        assert da.equals(db), t
+    pa, pb = final_params(ref), final_params(tmp_path / "r")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    run(tiny(), tmp_path / "r", progress=False)
+    with pytest.raises(RunStoreError, match="optimizer.lr"):
+        run(tiny(**{"optimizer.lr": 0.5}), tmp_path / "r", resume=True, progress=False)
+
+
+def test_existing_dir_without_resume_is_refused(tmp_path):
+    run(tiny(), tmp_path / "r", progress=False)
+    with pytest.raises(RunStoreError, match="--resume"):
+        run(tiny(), tmp_path / "r", progress=False)
+
+
+def test_divergence_stops_cleanly(tmp_path):
+    with pytest.raises(DivergenceError, match=r"became .* at step \d+, lr 1e\+06"):
+        run(tiny(**{"optimizer.lr": 1e6, "train.epochs": 3}), tmp_path / "r", progress=False)
+    s = RunStore(tmp_path / "r")
+    st = s.status()
+    assert st["state"] == "failed" and "lr 1e+06" in st["error"]
+    assert len(s.table("train")) >= 1
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"optimizer.batch_size": 10_000}, "optimizer.batch_size"),
+        ({"probes": {"eigen": {"k": 90}}}, "probes.eigen.k"),
+        ({"data": {"name": "cifar10"}}, "data.root"),
+    ],
+)
+def test_bad_input_writes_nothing(tmp_path, over, match):
+    with pytest.raises((ConfigError, Exception)) as e:
+        run(tiny(**over), tmp_path / "r", progress=False)
+    assert match in str(e.value)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_full_batch_gd_is_exact_mean_gradient(tmp_path):
+    """GD over chunks of 7 equals GD with one chunk (exact weighting of the short last chunk)."""
+    a = run(tiny(**{"optimizer.name": "gd", "optimizer.gd_chunk": 7, "train.epochs": 3}), tmp_path / "a", progress=False)
+    b = run(tiny(**{"optimizer.name": "gd", "optimizer.gd_chunk": 300, "train.epochs": 3}), tmp_path / "b", progress=False)
+    pa, pb = final_params(a), final_params(b)
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+    assert RunStore(a).table("train")["step"].tolist() == [1, 2, 3]
