@@ -62,7 +62,7 @@ def _summary(path: Path) -> None:
     ep = s.table("epoch")
     typer.echo(f"run: {path}")
     if len(ep):
-        last = ep.iloc[-1]
+        last = ep.iloc[-1].map(lambda v: float("nan") if v is None else v)  # an all-NULL column (no val/test set)
         typer.echo(
             f"  epoch {int(last.epoch)}: train loss {last.train_loss:.4f} acc {last.train_acc:.3f} | "
             f"val acc {last.val_acc:.3f} | test acc {last.test_acc:.3f}"
@@ -140,6 +140,63 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the demo")] = Pa
     from sgdscope.demo import demo as run_demo
 
     run_demo(out)
+
+
+@app.command()
+@_guard
+def sweep(
+    config: Annotated[str, typer.Argument(help="YAML config file or bundled recipe name")],
+    grid: Annotated[list[str], typer.Option("--grid", help="key=v1,v2,...; repeat for more axes")] = [],
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 as one more grid axis")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="sweep directory (an existing one is resumed)")] = None,
+    backend: Annotated[str, typer.Option(help="local | ray")] = "local",
+    workers: Annotated[Optional[int], typer.Option(help="runs at a time (default: one per core)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (--backend ray)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override for every run, e.g. train.epochs=5")] = [],
+) -> None:
+    """Run a grid of runs (a recipe's own grid when no --grid is given); rerun to resume."""
+    import time
+
+    from sgdscope.config import apply_overrides
+    from sgdscope.errors import ConfigError
+    from sgdscope.recipes import resolve
+    from sgdscope.sweep import SweepFailed, parse_grid, run_sweep
+
+    raw, meta = resolve(config)
+    raw = apply_overrides(raw, set_)
+    axes = parse_grid(grid) if grid else dict(meta.grid) if meta is not None and meta.grid else {}
+    if not axes and seeds == 1:
+        raise ConfigError("sweep: give at least one --grid key=v1,v2,... (or --seeds N); this config has no recipe grid")
+    out = out or Path("sweeps") / time.strftime("sweep-%Y%m%d-%H%M%S")
+    try:
+        path = run_sweep(raw, axes, out, backend=backend, workers=workers, seeds=seeds, address=address)
+    except SweepFailed as err:
+        typer.echo(str(err.path))
+        _fail(1, f"{len(err.failures)} run(s) failed (listed above); rerun the same command to retry them")
+    typer.echo(str(path))
+    typer.echo(f"report: sgdscope report {path}", err=True)
+
+
+@app.command()
+@_guard
+def report(path: Annotated[Path, typer.Argument(help="run or sweep directory")]) -> None:
+    """Write a self-contained report.html next to the data and print its path."""
+    from sgdscope.report import write_report
+
+    typer.echo(str(write_report(path)))
+
+
+@app.command()
+@_guard
+def plot(
+    path: Annotated[Path, typer.Argument(help="run directory (or sweep directory for a sweep figure)")],
+    figure: Annotated[str, typer.Argument(help="figure name; an unknown name lists them")],
+) -> None:
+    """Draw one figure into DIR/figures and print the PNG paths."""
+    from sgdscope.plots import plot as draw
+
+    for p in draw(path, figure):
+        typer.echo(str(p))
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _sql_type(v: Any) -> str:
+    if v is None:  # type unknown yet (a NaN first value): no declared type, so later values keep their own
+        return ""  # (a TEXT column would turn every later float into a 15-digit string)
     if isinstance(v, bool) or isinstance(v, int):
         return "INTEGER"
     if isinstance(v, float):

@@ -1,0 +1,141 @@
+"""Figures, read only from run stores: the registry :data:`FIGURES` and :func:`plot`.
+
+A *run figure* draws one run directory; a *sweep figure* compares the runs of a sweep directory. Each
+figure names the tables it cannot do without, so callers can tell "nothing to draw" from a bug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import matplotlib
+
+from sgdscope.errors import ConfigError, RunStoreError
+from sgdscope.plots import curves, sharpest, walk
+from sgdscope.plots._common import STYLE
+from sgdscope.plots import sweep as sweep_figs
+from sgdscope.store import RunStore
+from sgdscope.sweep import SweepView, is_sweep, open_sweep
+
+
+class Figure(NamedTuple):
+    """A registered figure: ``fn(store_or_sweep_view, out_dir) -> [png paths]``, the tables it needs
+    (a sweep figure: in at least one run), what it shows, and for a sweep figure the grid keys that make
+    it worth showing in a sweep report (``()``: always; a key ending in "." matches a whole section).
+    ``sweep_keys is None`` marks a run figure."""
+
+    fn: Callable
+    tables: tuple[str, ...]
+    description: str
+    sweep_keys: Optional[tuple[str, ...]] = None
+
+
+_ALWAYS: tuple[str, ...] = ()
+
+FIGURES: dict[str, Figure] = {
+    # one run
+    "learning_curves": Figure(curves.learning_curves, ("train",),
+                              "Loss, accuracy and learning rate: minibatch values per step, train/val/test per epoch."),
+    "eigenvalues": Figure(sharpest.eigenvalues, ("eigen",),
+                          "Top-K Hessian eigenvalues over training (log scale) with ‖H‖_F, and η·λ₁ against 2 "
+                          "(Jastrzebski Figs. 1-2; a zoom column when the eigen probe has first_steps)."),
+    "bowl": Figure(sharpest.bowl, ("direction",),
+                   "Loss along each measured eigenvector in units of the typical SGD step: a 3-D surface coloured "
+                   "by the eigenvalue, and a heat map of L(k)/L(0) (Jastrzebski Fig. 4 left, Figs. 9-12)."),
+    "alpha_step": Figure(sharpest.alpha_step, ("alpha_step",),
+                         "Relative loss change of a step of α·η along e_i alone, per α, with a random direction "
+                         "as control (Jastrzebski Fig. 4 right)."),
+    "k_min": Figure(sharpest.k_min, ("k_min",),
+                    "k_min, the half-width of the bowl in typical steps, per threshold (Jastrzebski sec. 3.2)."),
+    "alignment": Figure(sharpest.alignment, ("alignment",),
+                        "|cos| of the minibatch and of the full gradient with each top eigenvector."),
+    "walk": Figure(walk.walk, ("interpolation", "valley"),
+                   "Loss interpolated between consecutive iterates, valley floors joined by a dashed line, barrier "
+                   "crossings marked; above, the consecutive-gradient cosine and the distance from init "
+                   "(Xing Figs. 1-2)."),
+    # a sweep
+    "sweep_curves": Figure(curves.sweep_curves, ("epoch",),
+                           "Training loss, validation accuracy and distance from init of every run.", _ALWAYS),
+    "peak_lambda": Figure(sweep_figs.peak_lambda_vs, ("eigen",),
+                          "Peak λ₁ (5-point smoothed) and the time to 90% of it against each grid axis "
+                          "(Jastrzebski Fig. 3).", _ALWAYS),
+    "cosine_distance": Figure(sweep_figs.cosine_distance_vs, ("train",),
+                              "Mean consecutive-gradient cosine and final distance from init against batch size "
+                              "and lr (Xing Fig. 4).", ("optimizer.lr", "optimizer.batch_size")),
+    "cosine_curves": Figure(walk.cosine_curves, ("train",),
+                            "Consecutive-gradient cosine and distance over training, per batch size at fixed lr "
+                            "and per lr at fixed batch size (Xing Figs. 2, 4).",
+                            ("optimizer.lr", "optimizer.batch_size", "optimizer.name")),
+    "variants": Figure(sharpest.variants, ("train", "eigen"),
+                       "Loss and λ₁ of the subspace-restricted SGD variants and γ-rescalings started from one "
+                       "checkpoint (Jastrzebski Fig. 5).",
+                       ("optimizer.mode", "optimizer.gamma", "optimizer.freeze_subspace")),
+    "nsgd": Figure(sharpest.nsgd, ("epoch", "eigen"),
+                   "Nudged-SGD per γ: training and validation accuracy, λ₁ and ‖H‖_F (Jastrzebski Fig. 6).",
+                   ("optimizer.gamma",)),
+    "gd_vs_noise": Figure(walk.gd_vs_noise, ("epoch", "train"),
+                          "GD, GD with isotropic noise and SGD: loss, accuracy, cosine, distance and final "
+                          "parameter norm (Xing Fig. 5).", ("optimizer.name", "optimizer.noise_factor")),
+    "schedules": Figure(walk.schedules, ("epoch", "train"),
+                        "Learning-rate schedules: lr, training loss and validation accuracy (Xing Fig. 6).",
+                        ("schedule.",)),
+}
+
+
+def _has(store: Optional[RunStore], table: str) -> bool:
+    return store is not None and table in store.tables()
+
+
+def _relevant(fig: Figure, view: SweepView) -> bool:
+    keys = fig.sweep_keys or ()
+    return not keys or any(v == k or (k.endswith(".") and v.startswith(k)) for v in view.varying for k in keys)
+
+
+def run_figures(store: RunStore) -> list[str]:
+    """The run figures ``store`` has the data for, in registry order."""
+    return [n for n, f in FIGURES.items() if f.sweep_keys is None and all(_has(store, t) for t in f.tables)]
+
+
+def sweep_figures(view: SweepView) -> list[str]:
+    """The sweep figures that ``view`` has data for and whose grid makes them meaningful."""
+    runs = view.started()
+    return [n for n, f in FIGURES.items() if f.sweep_keys is not None and _relevant(f, view)
+            and all(any(_has(m.store, t) for m in runs) for t in f.tables)]
+
+
+def plot(path: str | Path, name: str) -> list[Path]:
+    """Draw figure ``name`` of the run or sweep at ``path`` into ``path/figures``; returns the PNG paths.
+
+    Raises ConfigError for an unknown name or a run figure asked of a sweep (and vice versa), and
+    RunStoreError when a table the figure needs has no rows.
+    """
+    path = Path(path)
+    if name not in FIGURES:
+        raise ConfigError(f"unknown figure {name!r}; choose one of: {', '.join(FIGURES)}")
+    fig = FIGURES[name]
+    if is_sweep(path):
+        if fig.sweep_keys is None:
+            raise ConfigError(f"{name!r} draws one run; give a run directory, e.g. {path / 'runs' / '<run>'}")
+        view = open_sweep(path)
+        missing = [t for t in fig.tables if not any(_has(m.store, t) for m in view.started())]
+        target = view
+    else:
+        store = RunStore(path)
+        if fig.sweep_keys is not None:
+            raise ConfigError(f"{name!r} compares the runs of a sweep; give a sweep directory (with sweep.yaml)")
+        missing = [t for t in fig.tables if not _has(store, t)]
+        target = store
+    if missing:
+        raise RunStoreError(f"{path}: figure {name!r} needs rows in table {missing[0]!r}, which is empty "
+                            "(enable the probe that writes it)")
+    return draw(name, target, path / "figures")
+
+
+def draw(name: str, target: RunStore | SweepView, out_dir: Path) -> list[Path]:
+    """Draw registered figure ``name`` of a run store or sweep view into ``out_dir``, in the house style."""
+    with matplotlib.rc_context(STYLE):
+        return FIGURES[name].fn(target, out_dir)
+
+
+__all__ = ["FIGURES", "Figure", "draw", "plot", "run_figures", "sweep_figures"]

@@ -1,0 +1,306 @@
+"""The papers' tables and a run's summary numbers, computed from run stores as pandas DataFrames.
+
+* :func:`jastrzebski_table1`: Table 1 of Jastrzebski et al. (2019), one row per run of a set.
+* :func:`barriers_per_epoch` / :func:`heights_per_epoch`: Tables 1 and 2 of Xing et al. (2018).
+* :func:`run_summary`: the numbers a run's report leads with (peak λ₁ and when, k_min, α-step changes,
+  barrier counts and heights).
+
+Writers: :func:`to_markdown` and :func:`write_table` (``.md`` or ``.csv`` by suffix).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from sgdscope.errors import ConfigError
+from sgdscope.store import RunStore
+
+Runs = Mapping[str, "RunStore | str | Path"] | str | Path
+
+LAST_POINTS = 25  # Jastrzebski: k_min and α-step numbers are means over the last 25 logged points
+SMOOTH = 5  # Jastrzebski: curvature traces are smoothed with a 5-point box filter before peaks are read
+
+
+@dataclass(frozen=True)
+class TimeAxis:
+    """Maps a step count to the x coordinate figures use: epochs (fractional) when the run says how many
+    steps make an epoch, otherwise raw steps."""
+
+    steps_per_epoch: float | None
+
+    @property
+    def label(self) -> str:
+        return "epoch" if self.steps_per_epoch else "step"
+
+    def __call__(self, step: Any) -> Any:
+        return np.asarray(step, dtype=float) / self.steps_per_epoch if self.steps_per_epoch else np.asarray(step, dtype=float)
+
+
+def time_axis(store: RunStore) -> TimeAxis:
+    """The run's time axis: ``resolved.steps_per_epoch`` from its config, or inferred from its epoch table."""
+    spe = (store.config().get("resolved") or {}).get("steps_per_epoch")
+    if not spe:
+        ep = store.table("epoch")
+        if len(ep) and {"step", "epoch"} <= set(ep.columns) and ep["epoch"].iloc[0] > 0:
+            spe = float(ep["step"].iloc[0]) / float(ep["epoch"].iloc[0])
+    return TimeAxis(float(spe) if spe else None)
+
+
+def smooth(values: Sequence[float] | pd.Series, window: int) -> np.ndarray:
+    """Centred moving average over ``window`` points (shorter at the ends), NaNs skipped."""
+    s = pd.Series(np.asarray(values, dtype=float))
+    if window <= 1:
+        return s.to_numpy()
+    return s.rolling(window, center=True, min_periods=1).mean().to_numpy()
+
+
+def as_runs(runs: Runs) -> dict[str, RunStore]:
+    """``{label: RunStore}`` from a mapping of labels to stores or paths, a sweep directory (labels from
+    its grid) or a single run directory."""
+    from sgdscope.sweep import is_sweep, open_sweep
+
+    if isinstance(runs, (str, Path)):
+        if is_sweep(runs):
+            members = open_sweep(runs).started()
+            labels = [m.label for m in members]
+            unique = len(set(labels)) == len(labels)
+            return {(m.label if unique else m.name): m.store for m in members}
+        store = RunStore(runs)
+        return {store.path.name: store}
+    return {str(k): v if isinstance(v, RunStore) else RunStore(v) for k, v in runs.items()}
+
+
+def _nearest(df: pd.DataFrame, step: float, col: str) -> float:
+    """``col`` at the row whose step is nearest to ``step`` (the earlier one on a tie); NaN if none."""
+    if not len(df) or col not in df:
+        return math.nan
+    i = (df["step"] - step).abs().to_numpy().argmin()
+    return float(df[col].iloc[i])
+
+
+def best_val_row(epochs: pd.DataFrame) -> pd.Series:
+    """The epoch row with the highest validation accuracy (the first such epoch on a tie)."""
+    return epochs.loc[epochs["val_acc"].idxmax()]
+
+
+def _lambda1(store: RunStore) -> pd.DataFrame:
+    eig = store.table("eigen")
+    if not len(eig):
+        return eig
+    return eig[eig["index"] == 1].groupby("step", as_index=False)["value"].mean()
+
+
+def peak_lambda(store: RunStore, window: int = SMOOTH) -> dict[str, float]:
+    """The peak of λ₁ along the run, read from a ``window``-point smoothed trace (argmax alone is noisy).
+
+    Keys: ``peak`` (smoothed max), ``peak_step``, ``peak_epoch``, ``t90_step``/``t90_epoch`` (the first
+    time the smoothed λ₁ reaches 90% of its peak), ``raw_max`` and ``final``. All NaN without eigen rows.
+    """
+    lam = _lambda1(store)
+    keys = ("peak", "peak_step", "peak_epoch", "t90_step", "t90_epoch", "raw_max", "final")
+    if not len(lam):
+        return dict.fromkeys(keys, math.nan)
+    s = smooth(lam["value"], window)
+    steps = lam["step"].to_numpy(dtype=float)
+    i = int(np.nanargmax(s))
+    j = int(np.argmax(s >= 0.9 * s[i])) if s[i] > 0 else i
+    t = time_axis(store)
+    return {"peak": float(s[i]), "peak_step": steps[i], "peak_epoch": float(t(steps[i])), "t90_step": steps[j],
+            "t90_epoch": float(t(steps[j])), "raw_max": float(lam["value"].max()), "final": float(lam["value"].iloc[-1])}
+
+
+def mean_cosine(store: RunStore) -> float:
+    """Mean cosine of consecutive minibatch gradients over the run (Xing Fig. 4)."""
+    tr = store.table("train")
+    return float(tr["grad_cosine_prev"].mean()) if len(tr) and "grad_cosine_prev" in tr else math.nan
+
+
+def final_distance(store: RunStore) -> float:
+    """‖θ − θ₀‖ at the last logged step."""
+    tr = store.table("train")
+    return float(tr["param_distance"].iloc[-1]) if len(tr) and "param_distance" in tr else math.nan
+
+
+# --------------------------------------------------------------------------------- Jastrzebski Table 1
+
+
+def _table1_row(store: RunStore, window: int) -> dict[str, float]:
+    ep = store.table("epoch")
+    if not len(ep):
+        return {}
+    best = best_val_row(ep)
+    at50 = ep[ep["epoch"] == 50]
+    val50 = (at50 if len(at50) else ep.tail(1))["val_acc"].iloc[0]
+    curv = store.table("curvature")
+    frob_best = frob_last = math.nan
+    if len(curv):
+        curv = curv.assign(frob=smooth(curv["frobenius_topk"], window))
+        frob_best = _nearest(curv, best["step"], "frob")
+        frob_last = float(curv.loc[curv["epoch"] > ep["epoch"].max() - 10, "frob"].mean())
+    return {
+        "best-val epoch": int(best["epoch"]),
+        "‖H‖_F best-val": frob_best,
+        "‖H‖_F last-10": frob_last,
+        "test acc": float(best["test_acc"]),
+        "val acc @50": float(val50),
+        "loss last-10": float(ep["train_loss"].tail(10).mean()),
+        "dist. best-val": _nearest(store.table("train"), best["step"], "param_distance"),
+        "ρ(W)": float(best["weight_spectral_norm_mean"]),
+    }
+
+
+def jastrzebski_table1(runs: Runs, window: int = SMOOTH) -> pd.DataFrame:
+    """Table 1 of Jastrzebski et al. (2019), one row per run.
+
+    Columns: the best-validation epoch; ‖H‖_F (√Σ top-K λ², ``window``-point smoothed as in the authors'
+    code) at that epoch and its mean over the last 10 epochs; test accuracy at the best-validation epoch;
+    validation accuracy at epoch 50 (the last epoch if the run is shorter); mean training loss over the
+    last 10 epochs; ‖θ − θ₀‖ at the best-validation epoch; mean spectral norm of the weight matrices
+    ρ(W) at the best-validation epoch (the paper evaluates its best-validation checkpoint).
+    """
+    rows = {label: _table1_row(store, window) for label, store in as_runs(runs).items()}
+    df = pd.DataFrame.from_dict({k: v for k, v in rows.items() if v}, orient="index")
+    df.index.name = "run"
+    return df
+
+
+# ------------------------------------------------------------------------------------- Xing Tables 1, 2
+
+
+def _per_epoch(runs: Runs, column: str, how: str) -> pd.DataFrame:
+    rows = {}
+    for label, store in as_runs(runs).items():
+        v = store.table("valley")
+        if len(v):
+            rows[label] = v.groupby("epoch")[column].agg(how)
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    if len(df):
+        df = df[sorted(df.columns)]
+        df.columns = [f"epoch {int(e)}" for e in df.columns]
+    df.index.name = "run"
+    return df
+
+
+def barriers_per_epoch(runs: Runs) -> pd.DataFrame:
+    """Xing Table 1: the number of steps per epoch whose interpolation crossed a barrier (per run)."""
+    df = _per_epoch(runs, "barrier", "sum")
+    return df.astype("Int64") if len(df) else df
+
+
+def heights_per_epoch(runs: Runs) -> pd.DataFrame:
+    """Xing Table 2: the mean height of the iterate above the valley floor, per epoch (per run)."""
+    return _per_epoch(runs, "height", "mean")
+
+
+# ------------------------------------------------------------------------------------------ run summary
+
+
+def _last_points(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The rows of the last ``n`` logged steps."""
+    steps = np.sort(df["step"].unique())[-n:]
+    return df[df["step"].isin(steps)]
+
+
+def run_summary(store: RunStore, last: int = LAST_POINTS) -> pd.DataFrame:
+    """The headline numbers of a run as rows of (section, quantity, value, detail).
+
+    Sections present depend on the run's tables: training, curvature (peak λ₁ and when, η·λ₁ against 2),
+    k_min and α-step (means over the last ``last`` logged points), and the walk (barriers, heights).
+    """
+    rows: list[tuple[str, str, float, str]] = []
+    ep, tr = store.table("epoch"), store.table("train")
+    if len(ep):
+        last_ep, best = ep.iloc[-1], best_val_row(ep)
+        rows += [
+            ("training", "final train loss", float(last_ep["train_loss"]), f"epoch {int(last_ep['epoch'])}"),
+            ("training", "final val accuracy", float(last_ep["val_acc"]), f"epoch {int(last_ep['epoch'])}"),
+            ("training", "best val accuracy", float(best["val_acc"]), f"epoch {int(best['epoch'])}"),
+            ("training", "test accuracy at best val", float(best["test_acc"]), f"epoch {int(best['epoch'])}"),
+        ]
+    if len(tr):
+        rows += [
+            ("training", "distance from init ‖θ−θ₀‖", final_distance(store), f"step {int(tr['step'].iloc[-1])}"),
+            ("training", "mean cos(g_t−1, g_t)", mean_cosine(store), f"over {len(tr)} steps"),
+        ]
+    pk = peak_lambda(store)
+    if not math.isnan(pk["peak"]):
+        lam = _lambda1(store)
+        lr = _nearest(tr, lam["step"].iloc[-1], "lr") if len(tr) else math.nan
+        rows += [
+            ("curvature", "peak λ₁ (5-point smoothed)", pk["peak"],
+             f"epoch {pk['peak_epoch']:.3g} (step {int(pk['peak_step'])}); raw max {pk['raw_max']:.4g}"),
+            ("curvature", "time to 90% of peak λ₁", pk["t90_epoch"], f"step {int(pk['t90_step'])}"),
+            ("curvature", "final λ₁", pk["final"], f"step {int(lam['step'].iloc[-1])}"),
+            ("curvature", "final η·λ₁", lr * pk["final"], "GD on a quadratic diverges along e₁ above 2"),
+        ]
+        curv = store.table("curvature")
+        if len(curv):
+            rows.append(("curvature", "final ‖H‖_F (top-K)", float(curv["frobenius_topk"].iloc[-1]),
+                         f"K = {int(curv['k'].iloc[-1])}" if "k" in curv else ""))
+    km = store.table("k_min")
+    if len(km):
+        tail = _last_points(km, last)
+        for (i, th), g in tail.groupby(["eigen_index", "threshold"]):
+            closed = int(g["k_min"].notna().sum())
+            rows.append(("k_min", f"k_min along e{int(i)}, {th:.0%} rise", float(g["k_min"].mean()),
+                         f"mean of last {g['step'].nunique()} points; bowl closed at {closed}"))
+    al = store.table("alpha_step")
+    if len(al):
+        tail = _last_points(al, last)
+        for (d, a), g in tail.groupby(["direction", "alpha"], sort=True):
+            rows.append(("α-step", f"α = {a:g} along {d}: loss change", 100 * float(g["relative_change"].mean()),
+                         f"% of L(θ); mean of last {g['step'].nunique()} points"))
+    va = store.table("valley")
+    if len(va):
+        rows.append(("walk", "barriers crossed", float(va["barrier"].sum()), f"of {len(va)} interpolated steps"))
+        for e, g in va.groupby("epoch"):
+            rows.append(("walk", f"epoch {int(e)}: mean height above floor", float(g["height"].mean()),
+                         f"barriers {int(g['barrier'].sum())}/{len(g)}; interior minimum at {int(g['interior_min'].sum())}"
+                         if "interior_min" in g else f"barriers {int(g['barrier'].sum())}/{len(g)}"))
+    return pd.DataFrame(rows, columns=["section", "quantity", "value", "detail"])
+
+
+# --------------------------------------------------------------------------------------------- writers
+
+
+def fmt(value: Any) -> str:
+    """A table cell: integers as such, floats to 4 significant digits, missing values as an em dash."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return str(int(v)) if v.is_integer() and abs(v) < 1e6 else f"{v:.4g}"
+    return str(value)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of ``df``, its index as the first column."""
+    header = [df.index.name or ""] + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for idx, row in df.iterrows():
+        cells = [fmt(idx)] + [fmt(v).replace("|", "\\|") for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``df`` as Markdown (``.md``) or CSV (``.csv``), chosen by the suffix of ``path``."""
+    path = Path(path)
+    if path.suffix not in (".md", ".csv"):
+        raise ConfigError(f"{path}: a table is written as .md or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".md":
+        path.write_text(to_markdown(df), encoding="utf-8")
+    else:
+        df.to_csv(path)
+    return path
