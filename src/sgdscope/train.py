@@ -125,6 +125,7 @@ class Trainer:
         self.probes: list[Probe] = build_probes(cfg, self.ctx)
         self.stats = StepStats()
         self.step, self.epoch, self.best_val_acc = 0, 0, -1.0
+        self.nan_streak = 0  # on_nan: skip: consecutive skipped steps
 
     def attach(self, store: RunStore) -> None:
         """Give the trainer its run directory (after every input was validated)."""
@@ -224,6 +225,7 @@ class Trainer:
         self._refresh_subspace(step)
         self.optimizer.step()
         self.step = step + 1
+        self.nan_streak = 0
         theta = get_flat(self.model)
         row = {"step": self.step, "epoch": epoch, "lr": lr, "batch_loss": loss, "batch_acc": acc}
         row.update(self.stats.row(grad, theta, self.theta0, 2 * wd * theta_prev if wd > 0 else None))
@@ -235,12 +237,17 @@ class Trainer:
                    theta_prev: Optional[Tensor], reason: str) -> tuple[dict[str, Any], Optional[Tensor], Tensor]:
         """``on_nan: skip``: drop the update of a step whose loss or gradient is non-finite (θ_{t+1} = θ_t,
         optimizer state untouched) and log its row with ``skipped = 1``; non-finite parameters still stop the
-        run, since no later step could recover from them. The cosine of the next step is taken with the last
+        run, since no later step could recover from them, and so does a whole epoch of consecutive skips (the
+        parameters are finite but every batch overflows). The cosine of the next step is taken with the last
         gradient that was used."""
         self.optimizer.zero_grad(set_to_none=True)
         theta = get_flat(self.model)
         if not bool(torch.isfinite(theta).all()):
             raise DivergenceError(f"parameters became non-finite at step {step + 1}, lr {lr:g} ({reason})")
+        if self.nan_streak >= self.steps_per_epoch:
+            raise DivergenceError(f"{reason}; {self.nan_streak} steps before it were skipped too (on_nan: skip gives up "
+                                  "after a whole epoch of them)")
+        self.nan_streak += 1
         self.step = step + 1
         row = {
             "step": self.step, "epoch": epoch, "lr": lr, "batch_loss": loss, "batch_acc": acc,
@@ -304,6 +311,7 @@ class Trainer:
             "probes": {p.name: p.state_dict() for p in self.probes},
             "tracker": self.ctx.tracker.state_dict() if self.ctx.tracker is not None else {},
             "noise": self.noise.state_dict() if self.noise is not None else {},
+            "nan_streak": self.nan_streak,
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> None:
@@ -329,6 +337,7 @@ class Trainer:
             self.ctx.tracker.load_state_dict(state["tracker"])
         if self.noise is not None:
             self.noise.load_state_dict(state["noise"])
+        self.nan_streak = state.get("nan_streak", 0)
 
     def _checkpoint_due(self, epoch_end: bool) -> bool:
         every = self.cfg.train.checkpoint_every
@@ -338,7 +347,7 @@ class Trainer:
     def fit(self) -> None:
         cfg = self.cfg
         if self.step == 0:
-            self.commit(self.run_probes(StepInfo(step=0, epoch=0, epoch_end=False, lr=cfg.optimizer.lr)))
+            self.commit(self.run_probes(StepInfo(step=0, epoch=0, epoch_end=False, lr=self.schedule.lr_at(0, 1))))
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
             dynamic_ncols=True, mininterval=0.5, leave=False,
@@ -367,6 +376,10 @@ class Trainer:
                 if self._checkpoint_due(epoch_end):
                     self.save_checkpoint()
                     self.store.set_status("running", step=self.step, epoch=self.epoch)
+                    if self.cfg.tensorboard:
+                        from sgdscope.tb import mirror_to_tensorboard
+
+                        mirror_to_tensorboard(self.store.path)
                 bar.update(1)
                 if stop:
                     break
