@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from sgdscope.plots._common import color, no_data, save, subplots, title
 from sgdscope.store import RunStore
@@ -45,6 +46,7 @@ def _against(ax, view: SweepView, axis: str, name: str, fn: Callable[[RunStore],
         ax.set_xscale("log", base=2 if all(float(v).is_integer() for v in values) else 10)
         ax.set_xticks(values)
         ax.set_xticklabels([f"{v:g}" for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the grid values are labelled
     elif not numeric:
         ax.set_xticks(range(len(values)))
         ax.set_xticklabels([str(v) for v in values])
