@@ -208,9 +208,14 @@ class RunConfig(_Strict):
 # ----------------------------------------------------------------------------------------------- parsing
 
 
+def _key(p: Any) -> str:
+    """A key as shown in a message: itself, or its repr when it would break the one-line message."""
+    return str(p) if str(p).isprintable() else repr(p)
+
+
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    loc = ".".join(_key(p) for p in e["loc"]) or "config"
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -252,7 +257,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if nxt is None:
                 nxt = node[p] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a section")
+                raise ConfigError(f"--set {_key(key)}: {p!r} is not a section")
             node = nxt
         node[parts[-1]] = parse_value(value)
     return raw

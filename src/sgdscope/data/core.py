@@ -124,7 +124,7 @@ def assemble(cfg: DataConfig, seed: int, src: Source, device: torch.device) -> D
     for key, x in xs.items():
         x = _normalise(x, mean, std)
         if cfg.flatten:
-            x = x.reshape(len(x), -1)
+            x = x.flatten(1)  # (also for an empty split, where reshape(0, -1) is ambiguous)
         splits[key] = Split(x.to(device), ys[key].to(torch.int64).to(device))
     info = {
         "name": name,
