@@ -128,7 +128,8 @@ BAD_OVERRIDES = [
     (["probes.interpolation.alphas=1"], ["probes.interpolation.alphas", "at least 2"]),
     (["probes.interpolation.alphas=[0, 0.5]"], ["probes.interpolation.alphas", "end at 1"]),
     (["probes.interpolation.alphas=[-0.5, 0.5, 1]"], ["probes.interpolation.alphas"]),
-    (["probes.alpha_step.alphas=[]"], ["probes.alpha_step.alphas", "empty"]),
+    (["probes.alpha_step.alphas=[]"], ["probes.alpha_step.alphas", "non-empty"]),
+    (["probes.alpha_step.alphas=[2, 1]"], ["probes.alpha_step.alphas", "increasing"]),
     # malformed --set
     (["optimizer.lr"], ["--set", "key=value"]),
     (["optimizer.lr.x=1"], ["optimizer", "not a section"]),

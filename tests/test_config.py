@@ -28,6 +28,7 @@ def test_set_overrides_parse_yaml_values():
         ("probes.interpolation.alphas=[0.5, 0.1]", "probes.interpolation.alphas"),
         ("probes.interpolation.alphas=[]", "probes.interpolation.alphas"),
         ("probes.alpha_step.alphas=[]", "probes.alpha_step.alphas"),
+        ("probes.alpha_step.alphas=[4, 0.5]", "probes.alpha_step.alphas"),
         ("measure.bn_policy=sometimes", "measure.bn_policy"),
         ("probes.direction.eigen_indices=[0]", "probes.direction.eigen_indices"),
     ],

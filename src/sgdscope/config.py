@@ -148,8 +148,8 @@ class AlphaStepProbe(_Probe):
     @field_validator("alphas")
     @classmethod
     def _alphas(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("must not be empty")
+        if not v or any(a <= 0 for a in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be a non-empty, increasing list of positive step multipliers")
         return v
 
 

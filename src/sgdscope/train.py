@@ -462,6 +462,8 @@ def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *,
         store = RunStore.create(out, {**want, **trainer.info()})
         store.save_tensors("measure_subset", {"indices": trainer.measure_idx})
     else:
+        for stale in (store.path / "checkpoints").glob(".*.tmp"):  # a crash inside an atomic write
+            stale.unlink()
         ckpt = store.path / "checkpoints" / "last.pt"
         if ckpt.is_file():
             state = _load_checkpoint(ckpt)
