@@ -32,7 +32,7 @@ def weight_spectral_norm_mean(model: nn.Module) -> float:
     """ρ(W) = mean_l σ_max(W_l), each W_l reshaped to (out, ∏ rest).
 
     >>> m = nn.Linear(2, 2, bias=False)
-    >>> _ = m.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    >>> m.weight.data = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
     >>> weight_spectral_norm_mean(m)
     3.0
     """
