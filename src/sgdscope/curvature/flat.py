@@ -34,9 +34,17 @@ def named_trainable(model: nn.Module, param_filter: ParamFilter = None) -> list[
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and keep(n)]
 
 
-def flatten(tensors: Iterable[Tensor]) -> Tensor:
-    """Concatenate tensors into one flat vector (a copy)."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+def flatten(tensors: Iterable[Tensor], batch_dims: int = 0) -> Tensor:
+    """Concatenate tensors into one flat vector (a copy).
+
+    With ``batch_dims=d`` the first d dimensions of every tensor are kept as leading dimensions (a block of
+    flat vectors, the inverse of :func:`unflatten` on a batch).
+
+    >>> flatten([torch.ones(2, 1, 2), torch.zeros(2, 3)], batch_dims=1)
+    tensor([[1., 1., 0., 0., 0.],
+            [1., 1., 0., 0., 0.]])
+    """
+    return torch.cat([t.reshape(*t.shape[:batch_dims], -1) for t in tensors], dim=-1)
 
 
 def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

@@ -1,0 +1,254 @@
+"""Extreme eigenpairs of a symmetric operator from Hessian-vector products.
+
+The solver is a block Krylov–Schur method written as a thick-restart Rayleigh–Ritz iteration:
+
+* keep an orthonormal basis V (rows) and its image HV, and the projected matrix T = V·HVᵀ;
+* the Ritz pairs (θ_i, y_i = Vᵀ s_i) come from ``eigh(T)`` in float64; their residuals
+  r_i = H y_i − θ_i y_i = HVᵀ s_i − θ_i Vᵀ s_i are exact (no extra products) and orthogonal to V;
+* the basis grows by the residuals of the wanted pairs that have not converged (soft locking: converged
+  pairs stay in the basis and keep being refined, but stop costing products);
+* when the basis is full it restarts on the best ``k + guard`` Ritz vectors.
+
+Started from one random vector, all Ritz residuals of a Krylov space are parallel, the basis grows by one
+vector per product and this *is* Lanczos with full reorthogonalisation and Krylov–Schur restarts. Started
+from a block (``init``: the previous eigenvectors along a trajectory) it is block Lanczos on that block: the
+first block product already gives the Rayleigh–Ritz pairs of the old subspace, and an eigenspace that moved
+little converges in a few more. The stopping rule is on residuals,
+‖H y_i − θ_i y_i‖ ≤ tol·|θ_i| for each of the k wanted pairs, never on an iteration count alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sgdscope.curvature.hessian import HessianOperator
+
+WHICH = ("LA", "LM")
+# A new direction whose part outside the basis is below this fraction of its length carries no new
+# information (in a Krylov space all residuals are parallel up to round-off): it is dropped, not paid for.
+_RANK_TOL = 1e-2
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs of H, sorted by value, descending.
+
+    ``values`` (k,), ``vectors`` (k, n) orthonormal rows on the operator's device, ``residuals`` (k,)
+    ‖Hv − λv‖/|λ|, ``n_hvps`` products spent, ``converged`` (every residual ≤ ``tol``), ``which``,
+    ``iterations`` (basis expansions), ``has_negative`` (a negative value is in the set).
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    n_hvps: int
+    converged: bool
+    which: str
+    iterations: int
+    tol: float
+
+    @property
+    def has_negative(self) -> bool:
+        return bool((self.values < 0).any())
+
+    @property
+    def message(self) -> str:
+        """One line, fit for a log or a warning."""
+        worst = float(self.residuals.max())
+        state = "converged" if self.converged else "NOT converged"
+        return (
+            f"top-{len(self.values)} {self.which} eigenpairs {state}: max residual {worst:.2e} "
+            f"(tol {self.tol:.0e}) after {self.n_hvps} HVPs, {self.iterations} iterations"
+        )
+
+
+def default_generator(op: HessianOperator, generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a fresh one seeded with 0 on the operator's device: random starts never touch the
+    global random streams (which training uses) and are reproducible."""
+    return generator if generator is not None else torch.Generator(op.device).manual_seed(0)
+
+
+def random_start(op: HessianOperator, m: int, generator: torch.Generator, kind: str = "gaussian") -> Tensor:
+    """m random rows of length n on the operator's device: Gaussian, or Rademacher (±1) with ``kind``."""
+    shape = (m, op.n_params)
+    if kind == "rademacher":
+        z = torch.randint(0, 2, shape, generator=generator, device=generator.device).to(op.dtype) * 2 - 1
+    else:
+        z = torch.randn(shape, generator=generator, device=generator.device, dtype=op.dtype)
+    return z.to(op.device)
+
+
+class KrylovBasis:
+    """An orthonormal basis V (rows), its image HV and the projected matrix T = V·HVᵀ (float64).
+
+    V and HV live in buffers that grow by doubling, so adding a vector does not copy the basis.
+    """
+
+    def __init__(self, op: HessianOperator, capacity: int = 16) -> None:
+        self.op, self.m = op, 0
+        self._V = torch.empty(capacity, op.n_params, device=op.device, dtype=op.dtype)
+        self._HV = torch.empty_like(self._V)
+        self.T = torch.empty(0, 0, dtype=torch.float64, device=op.device)
+
+    def __len__(self) -> int:
+        return self.m
+
+    @property
+    def V(self) -> Tensor:
+        return self._V[: self.m]
+
+    @property
+    def HV(self) -> Tensor:
+        return self._HV[: self.m]
+
+    def _project_out(self, W: Tensor) -> Tensor:
+        """W minus its part in span(V): classical Gram–Schmidt, repeated when a row lost most of its norm
+        (then round-off in the first pass is no longer negligible; "twice is enough")."""
+        for _ in range(2):
+            before = W.norm(dim=1)
+            W = W - (W @ self.V.T) @ self.V
+            if (W.norm(dim=1) > 0.7 * before).all():
+                break
+        return W
+
+    def _new_directions(self, W: Tensor) -> Tensor:
+        """An orthonormal basis of the part of span(W) outside span(V), strongest directions first."""
+        W = self._project_out(W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny))
+        evals, Q = torch.linalg.eigh((W @ W.T).double())
+        keep = evals > _RANK_TOL**2
+        Q, evals = Q[:, keep].flip(1), evals[keep].flip(0)
+        W = (Q.T.to(W.dtype) @ W) / evals.sqrt().to(W.dtype)[:, None]
+        return torch.linalg.qr(W.T).Q.T if len(W) else W
+
+    def extend(self, W: Tensor, limit: int) -> int:
+        """Add the new directions in ``W`` (at most ``limit``), applying H to them; returns how many."""
+        P = self._new_directions(W)[: max(limit, 0)]
+        b = len(P)
+        if not b:
+            return 0
+        # A single vector skips the block machinery, which has a fixed overhead.
+        HP = self.op.matmat(P) if b > 1 else self.op.matvec(P[0])[None]
+        m = self.m
+        if m + b > len(self._V):
+            cap = max(2 * len(self._V), m + b)
+            self._V = torch.cat([self.V, self._V.new_empty(cap - m, self._V.shape[1])])
+            self._HV = torch.cat([self.HV, self._HV.new_empty(cap - m, self._HV.shape[1])])
+        cross = (self.V @ HP.T).double()
+        corner = (P @ HP.T).double()
+        T = torch.zeros(m + b, m + b, dtype=torch.float64, device=self.T.device)
+        T[:m, :m], T[:m, m:], T[m:, :m], T[m:, m:] = self.T, cross, cross.T, (corner + corner.T) / 2
+        self._V[m : m + b], self._HV[m : m + b], self.T, self.m = P, HP, T, m + b
+        return b
+
+    def ritz(self, which: str) -> tuple[Tensor, Tensor]:
+        """Ritz values (float64) and coefficient columns, best first for ``which``."""
+        theta, S = torch.linalg.eigh(self.T)
+        order = torch.argsort(theta.abs() if which == "LM" else theta, descending=True)
+        return theta[order], S[:, order]
+
+    def restart(self, S: Tensor, theta: Tensor) -> None:
+        """Compress the basis to the Ritz vectors with coefficient columns ``S`` and values ``theta``."""
+        Sd, p = S.to(self._V.dtype), S.shape[1]
+        self._V[:p], self._HV[:p] = Sd.T @ self.V, Sd.T @ self.HV
+        self.m, self.T = p, torch.diag(theta)
+
+
+def top_eigenpairs(
+    op: HessianOperator,
+    k: int = 5,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_hvps: int = 500,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    block_size: int = 1,
+    guard: int = 3,
+    max_basis: int | None = None,
+) -> EigenResult:
+    """The k eigenpairs of H with the largest values (``which="LA"``) or magnitudes (``"LM"``).
+
+    Stops when every wanted Ritz pair has ‖Hy − θy‖ ≤ tol·|θ|, or when the next expansion would exceed
+    ``max_hvps`` products (then ``converged`` is False and the best pairs so far are returned).
+    ``init`` (m, n): vectors to start from, typically the previous call's ``vectors`` along a trajectory;
+    otherwise ``block_size`` random vectors from ``generator``. ``guard`` extra Ritz pairs are kept across
+    restarts; the basis holds at most ``max_basis`` vectors (default max(4(k + guard), 40)).
+    For "LM" the set is the k largest |λ|, returned sorted by value (``has_negative`` flags negatives).
+
+    Diagonal H = diag(5, 4, -6, 1, 0.5, 0.1):
+
+    >>> import torch
+    >>> class Quadratic(torch.nn.Module):
+    ...     def __init__(self, a):
+    ...         super().__init__()
+    ...         self.a, self.w = a, torch.nn.Parameter(torch.ones(len(a), dtype=a.dtype))
+    ...     def forward(self, x):
+    ...         return (0.5 * self.w @ self.a @ self.w).expand(len(x))
+    >>> A = torch.diag(torch.tensor([5.0, 4.0, -6.0, 1.0, 0.5, 0.1], dtype=torch.float64))
+    >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(1), torch.zeros(1))])
+    >>> top_eigenpairs(op, k=2, tol=1e-10).values.round(decimals=8)
+    tensor([5., 4.], dtype=torch.float64)
+    >>> res = top_eigenpairs(op, k=2, which="LM", tol=1e-10)
+    >>> res.values.round(decimals=8), res.has_negative, res.converged
+    (tensor([ 5., -6.], dtype=torch.float64), True, True)
+    >>> res.vectors.abs().round()
+    tensor([[1., 0., 0., 0., 0., 0.],
+            [0., 0., 1., 0., 0., 0.]], dtype=torch.float64)
+    """
+    n = op.n_params
+    if which not in WHICH:
+        raise ValueError(f"which={which!r} is not one of {', '.join(WHICH)}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of parameters ({n})")
+    if tol <= 0 or block_size < 1 or guard < 0:
+        raise ValueError("tol must be positive, block_size at least 1 and guard non-negative")
+    if init is not None and (init.ndim != 2 or init.shape[1] != n):
+        raise ValueError(f"init must have shape (m, {n}), got {tuple(init.shape)}")
+    keep = min(k + guard, n)
+    max_basis = min(n, max_basis or max(4 * keep, 40))
+    if max_basis < keep + 1 and max_basis < n:
+        raise ValueError(f"max_basis={max_basis} must exceed k + guard = {keep}")
+
+    start_hvps = op.n_hvps
+    gen = default_generator(op, generator)
+    basis = KrylovBasis(op)
+    start = init.to(device=op.device, dtype=op.dtype) if init is not None else random_start(op, block_size, gen)
+    basis.extend(start, min(max_hvps, max_basis))
+
+    iterations = 0
+    while True:
+        theta, S = basis.ritz(which)
+        theta, S = theta[:keep], S[:, :keep]
+        Sk = S[:, :k].to(op.dtype)
+        Y = Sk.T @ basis.V
+        R = Sk.T @ basis.HV - theta[:k].to(op.dtype)[:, None] * Y
+        res = R.norm(dim=1).double() / theta[:k].abs().clamp_min(torch.finfo(torch.float64).tiny)
+        active = (res > tol).nonzero().flatten()
+        budget = max_hvps - (op.n_hvps - start_hvps)
+        if (len(res) == k and not len(active)) or budget <= 0:
+            break
+        if len(basis) + len(active) > max_basis:
+            basis.restart(S, theta)
+        limit = min(budget, max_basis - len(basis))
+        added = basis.extend(R[active], limit) if len(active) else 0
+        if not added and len(basis) < n:
+            # Too few pairs yet, or residuals lost in round-off: widen the basis at random.
+            added = basis.extend(random_start(op, 1, gen), limit)
+        if not added:
+            break
+        iterations += 1
+
+    order = torch.argsort(theta[:k], descending=True)
+    return EigenResult(
+        values=theta[order].to(op.dtype),
+        vectors=Y[order],
+        residuals=res[order].to(op.dtype),
+        n_hvps=op.n_hvps - start_hvps,
+        converged=len(res) == k and bool((res <= tol).all()),
+        which=which,
+        iterations=iterations,
+        tol=tol,
+    )
+

@@ -1,0 +1,215 @@
+"""The Hessian of the mean training loss as a linear operator on flat parameter vectors.
+
+For a batch list ``[(x_1, y_1), ..., (x_B, y_B)]`` with ``n_b = n_targets(y_b)`` examples each, the loss is
+the exact example mean (plus the explicit L2 term when asked)
+
+    L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b  +  λ Σ_i θ_i²,
+
+and the operator applies its Hessian H = Σ_b (n_b / N) ∇²L_b(θ) + 2λI to vectors, without forming it.
+Two exact ways to get a Hessian-vector product (HVP) are offered:
+
+* ``"jvp"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``: Hv = d/dt ∇L(θ + t v) at 0;
+  a block of vectors goes through ``torch.func.vmap`` so the forward/backward work is shared.
+* ``"double-backward"``: reverse-over-reverse, Hv = ∇_θ ⟨∇L(θ), v⟩ with ``torch.autograd.grad``; a block
+  shares one forward and first backward and runs the second backward per vector on the retained graph.
+
+Every product runs inside :func:`sgdscope.policy.measurement_mode`, and the BatchNorm buffers the forward
+passes see are private copies, so no product ever writes the model's running statistics (under any
+policy); under ``"train-restore"`` the dropout masks are also the same for every product, which makes the
+operator a fixed symmetric matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from sgdscope.curvature.flat import ParamFilter, flatten, named_trainable, unflatten
+from sgdscope.losses import Batch, LossFn, n_targets
+from sgdscope.policy import check_policy, measurement_mode
+
+HVP_METHODS = ("jvp", "double-backward")
+# "auto": double backward. On CPU (bench/results/curvature.json, "costs") it is the faster single product
+# for MLPs (torch.func's per-call overhead dominates small models) and its retained-graph block product is
+# the faster block for MLPs and SimpleCNN alike; jvp wins a single CNN product by about 10%.
+AUTO_METHOD = "double-backward"
+
+
+class HessianOperator:
+    """Hessian of the exactly weighted mean loss over ``batches``, restricted to the parameters that pass
+    ``param_filter`` (frozen parameters are never included).
+
+    ``H = Σ_b n_b ∇²L_b / Σ_b n_b + 2λI`` with ``λ = weight_decay`` when ``include_l2``. Parameters that the
+    forward pass never uses get zero rows and columns. The parameters are read from the model at every
+    product, so the operator follows the model if it is changed in place.
+
+    ``bn_policy`` ("eval", "train-restore", "train") is applied around every product; none of them lets a
+    product write the BatchNorm running statistics (under "train" only the dropout stream advances).
+    ``method``: "jvp", "double-backward", or "auto" (the faster on CPU, see ``AUTO_METHOD``). Blocks are
+    applied ``max_block`` vectors at a time to bound memory.
+
+    Attributes: ``n_params``, ``device``, ``dtype``, ``method`` (the HVP method in use) and ``n_hvps``
+    (products applied so far; a block of m vectors counts m).
+
+    A quadratic model L(w) = ½ wᵀAw has H = A exactly:
+
+    >>> import torch
+    >>> class Quadratic(torch.nn.Module):
+    ...     def __init__(self, a):
+    ...         super().__init__()
+    ...         self.a, self.w = a, torch.nn.Parameter(torch.ones(len(a), dtype=a.dtype))
+    ...     def forward(self, x):
+    ...         return (0.5 * self.w @ self.a @ self.w).expand(len(x))
+    >>> A = torch.tensor([[2.0, 1.0], [1.0, -3.0]], dtype=torch.float64)
+    >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(4), torch.zeros(4))])
+    >>> op.dense()
+    tensor([[ 2.,  1.],
+            [ 1., -3.]], dtype=torch.float64)
+    >>> op.matvec(torch.tensor([1.0, 0.0], dtype=torch.float64)), op.n_hvps
+    (tensor([2., 1.], dtype=torch.float64), 3)
+    >>> HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(4), torch.zeros(4))],
+    ...                 weight_decay=0.5).dense()
+    tensor([[ 3.,  1.],
+            [ 1., -2.]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Batch],
+        bn_policy: str = "train-restore",
+        weight_decay: float = 0.0,
+        include_l2: bool = True,
+        param_filter: ParamFilter = None,
+        method: str = "auto",
+        max_block: int = 16,
+    ) -> None:
+        check_policy(bn_policy)
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("HessianOperator: the batch list is empty; pass at least one (inputs, targets) pair")
+        counts = [n_targets(y) for _, y in self.batches]
+        if min(counts) == 0:
+            raise ValueError(f"HessianOperator: batch {counts.index(0)} holds no examples")
+        if method not in ("auto",) + HVP_METHODS:
+            raise ValueError(f"HessianOperator: method {method!r} is not one of auto, {', '.join(HVP_METHODS)}")
+        if max_block < 1:
+            raise ValueError("HessianOperator: max_block must be at least 1")
+        named = named_trainable(model, param_filter)
+        if not named:
+            raise ValueError("HessianOperator: no trainable parameter passes param_filter")
+        total = sum(counts)
+        self.model, self.loss_fn, self.bn_policy = model, loss_fn, bn_policy
+        self.method = AUTO_METHOD if method == "auto" else method
+        self.max_block = max_block
+        self._scales = [c / total for c in counts]
+        self._names = [n for n, _ in named]
+        self._l2 = 2.0 * weight_decay if include_l2 else 0.0
+        self.n_params = sum(p.numel() for _, p in named)
+        self.device, self.dtype = named[0][1].device, named[0][1].dtype
+        self.n_hvps = 0
+
+    # -- the loss as a function of the measured parameters --------------------------------------------
+
+    def _params(self) -> dict[str, Tensor]:
+        live = dict(self.model.named_parameters())
+        return {n: live[n].detach() for n in self._names}
+
+    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor, scale: float) -> Tensor:
+        # Unmeasured parameters enter as constants; buffers are cloned inside the (possibly transformed)
+        # function because torch.func forbids in-place writes to captured tensors and the model's running
+        # statistics must not move.
+        others = {n: p.detach() for n, p in self.model.named_parameters() if n not in params}
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        out = functional_call(self.model, {**others, **buffers, **params}, (x,))
+        return scale * self.loss_fn(out, y)
+
+    # -- products -----------------------------------------------------------------------------------
+
+    def _hvp_jvp(self, params: dict[str, Tensor], tangents: dict[str, Tensor], batch: Batch, scale: float, block: bool):
+        g = grad(lambda p: self._loss(p, *batch, scale))
+
+        def one(t: dict[str, Tensor]) -> dict[str, Tensor]:
+            return jvp(g, (params,), (t,))[1]
+
+        # randomness="same": one dropout mask for the whole block, as for a single product.
+        return vmap(one, randomness="same")(tangents) if block else one(tangents)
+
+    def _hvp_double_backward(
+        self, params: dict[str, Tensor], tangents: dict[str, Tensor], batch: Batch, scale: float, block: bool
+    ):
+        leaves = {n: p.requires_grad_() for n, p in params.items()}
+        names = list(leaves)
+        rows = [{n: t[j] for n, t in tangents.items()} for j in range(len(tangents[names[0]]))] if block else [tangents]
+        out = []
+        with torch.enable_grad():
+            loss = self._loss(leaves, *batch, scale)
+            gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, materialize_grads=True)
+            # Gradients of parameters the loss does not reach are materialised constants: nothing to
+            # differentiate, and autograd refuses them as outputs.
+            live = [(g, n) for g, n in zip(gs, names) if g.requires_grad]
+            # One forward and first backward serve the whole block; the second backward runs per vector
+            # on the retained graph. On CPU this beats is_grads_batched, whose vmap costs more than the
+            # loop it saves (bench/results/curvature.json, "block5").
+            for j, t in enumerate(rows):
+                hv = torch.autograd.grad(
+                    [g for g, _ in live],
+                    list(leaves.values()),
+                    grad_outputs=[t[n] for _, n in live],
+                    allow_unused=True,
+                    retain_graph=j < len(rows) - 1,
+                ) if live else [None] * len(names)
+                out.append({n: torch.zeros_like(params[n]) if h is None else h for n, h in zip(names, hv)})
+        return {n: torch.stack([o[n] for o in out]) for n in names} if block else out[0]
+
+    def _apply(self, V: Tensor, block: bool) -> Tensor:
+        params = self._params()
+        tangents = dict(zip(self._names, unflatten(V, list(params.values()))))
+        hvp = self._hvp_jvp if self.method == "jvp" else self._hvp_double_backward
+        out = self._l2 * V
+        with measurement_mode(self.model, self.bn_policy), torch.no_grad():
+            for batch, scale in zip(self.batches, self._scales):
+                hv = hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
+                out += flatten((hv[n] for n in self._names), batch_dims=V.ndim - 1)
+        self.n_hvps += V.shape[0] if block else 1
+        return out
+
+    def _check(self, V: Tensor, ndim: int) -> Tensor:
+        if V.ndim != ndim or V.shape[-1] != self.n_params:
+            want = "(n,)" if ndim == 1 else "(m, n)"
+            raise ValueError(f"expected a {want} tensor with n = {self.n_params}, got shape {tuple(V.shape)}")
+        return V.to(device=self.device, dtype=self.dtype)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Hv for a flat vector ``v`` of shape (n,)."""
+        return self._apply(self._check(v, 1), block=False)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Rows Hv_i for a block ``V`` of shape (m, n), computed ``max_block`` rows at a time; counts m HVPs."""
+        V = self._check(V, 2)
+        return torch.cat([self._apply(C, block=True) for C in V.split(self.max_block)]) if len(V) else V.clone()
+
+    def dense(self) -> Tensor:
+        """The full (n, n) matrix H, one column per basis vector: only for tiny models and tests."""
+        return self.matmat(torch.eye(self.n_params, device=self.device, dtype=self.dtype))
+
+    def gradient(self) -> Tensor:
+        """∇L(θ) = Σ_b n_b ∇L_b / Σ_b n_b (+ 2λθ with the L2 term), as a flat vector; no HVP is counted."""
+        params = self._params()
+        out = self._l2 * flatten(params.values())
+        with measurement_mode(self.model, self.bn_policy), torch.no_grad():
+            for batch, scale in zip(self.batches, self._scales):
+                g = grad(lambda p: self._loss(p, *batch, scale))(params)
+                out += flatten(g[n] for n in self._names)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(n_params={self.n_params}, batches={len(self.batches)}, method={self.method!r}, "
+            f"bn_policy={self.bn_policy!r}, l2={self._l2 / 2:g}, n_hvps={self.n_hvps})"
+        )
+
