@@ -101,6 +101,17 @@ class IsotropicNoise:
             noise = torch.randn(t.shape, generator=generator, device=generator.device, dtype=t.dtype)
             t.add_(noise.to(t.device), alpha=self.sigma)
 
+    def state_dict(self) -> dict[str, float | str]:
+        """For checkpoints (plain numbers): the calibration made at initialisation must survive a resume,
+        where re-estimating it at the resumed parameters would give another σ."""
+        return {"max_var": self.max_var, "factor": self.factor, "scales": self.scales}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        """Inverse of :meth:`state_dict` (in place, although the dataclass is otherwise frozen)."""
+        object.__setattr__(self, "max_var", float(state["max_var"]))
+        object.__setattr__(self, "factor", float(state["factor"]))
+        object.__setattr__(self, "scales", str(state["scales"]))
+
     @staticmethod
     def _grads(params: Iterable[nn.Parameter]) -> Iterable[Tensor]:
         for p in params:
