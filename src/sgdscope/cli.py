@@ -129,8 +129,9 @@ def recipes() -> None:
     from sgdscope.recipes import list_recipes
 
     for r in list_recipes():
-        grid = f"  grid: {', '.join(f'{k}={v}' for k, v in r.grid.items())}" if r.grid else ""
-        typer.echo(f"{r.name:34s} [{r.size}] {r.reproduces}\n{'':37s}claim: {r.claim}{grid}")
+        typer.echo(f"{r.name:34s} [{r.size}] {r.reproduces}\n{'':37s}claim: {r.claim}")
+        if r.grid:
+            typer.echo(f"{'':37s}grid:  {'  '.join(f'{k}={v}' for k, v in r.grid.items())}")
 
 
 @app.command()
