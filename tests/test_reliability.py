@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from sgdscope.config import set_dotted
 from sgdscope.errors import DivergenceError, RunStoreError
 from sgdscope.store import RunStore
 from sgdscope.train import Trainer, run
@@ -78,11 +79,7 @@ def tiny(**over) -> dict:
         "measure": {"subset": 0.5, "min_subset": 40, "batch_size": 64},
     }
     for k, v in over.items():
-        node = cfg
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
+        set_dotted(cfg, k, v)
     return cfg
 
 
@@ -415,7 +412,7 @@ def test_each_probe_restores_mode_buffers_rng_and_grads(policy):
     """Called directly, every probe leaves the model's modes (train or eval, per module), parameters,
     BN buffers, .grad fields and the global RNG state as it found them."""
     cfg_raw = tiny(**BN, probes=PROBES, **{"measure.bn_policy": policy})
-    from sgdscope.config import validate
+    from sgdscope.config import set_dotted, validate
     from sgdscope.curvature.flat import get_flat
     from sgdscope.probes.base import StepInfo
 

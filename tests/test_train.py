@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sgdscope.config import validate
+from sgdscope.config import set_dotted, validate
 from sgdscope.errors import ConfigError, DivergenceError, RunStoreError
 from sgdscope.store import RunStore
 from sgdscope.train import run
@@ -22,11 +22,7 @@ def tiny(**over):
         "measure": {"subset": 0.5, "min_subset": 50, "batch_size": 64},
     }
     for k, v in over.items():
-        node = cfg
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
+        set_dotted(cfg, k, v)
     return cfg
 
 

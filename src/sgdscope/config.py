@@ -244,22 +244,27 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any, option: str = "--set") -> None:
+    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections (in place)."""
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for p in parents:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{option} {_key(key)}: {p!r} is not a section")
+        node = nxt
+    node[leaf] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides to a raw config mapping (in place) and return it."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, for example optimizer.lr=0.05")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {_key(key)}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = parse_value(value)
+        set_dotted(raw, key, parse_value(value))
     return raw
 
 

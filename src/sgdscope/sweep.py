@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import yaml
 
+from sgdscope.config import set_dotted
 from sgdscope.errors import ConfigError, RunStoreError
 from sgdscope.store import RunStore, atomic_write_bytes
 
@@ -125,16 +126,7 @@ def _with_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     """A deep copy of ``raw`` with each dotted key set to its (already parsed) value."""
     out = copy.deepcopy(dict(raw))
     for key, value in overrides.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--grid {key}: {p!r} is not a section")
-            node = nxt
-        node[leaf] = value
+        set_dotted(out, key, value, option="--grid")
     return out
 
 

@@ -12,25 +12,22 @@ import torch
 from torch import Tensor
 
 from sgdscope.curvature.flat import get_flat
-from sgdscope.landscape import alpha_step_changes, k_min, loss_along, minibatch_grads, typical_step
+from sgdscope.curvature import EigenResult
+from sgdscope.landscape import alpha_step_changes, k_min, loss_along, minibatch_grads, random_direction, typical_step
 from sgdscope.probes.base import Probe, Rows, StepInfo
 
 
-def _grads(probe: Probe, tag: str, step: int, n: int) -> Tensor:
-    """``n`` minibatch gradients of the run's batch size from the measurement subset: (n, n_params)."""
+def _eigen_and_grads(probe: Probe, tag: str, info: StepInfo, n: int) -> tuple[EigenResult, Tensor]:
+    """The tracker's eigenpairs at this step, and ``n`` minibatch gradients of the run's batch size drawn
+    from the measurement subset with the probe's own generator: (n, n_params).
+
+    The tracker always holds at least max(eigen_indices) pairs (see ``probes._tracker_k``)."""
     ctx = probe.ctx
-    return minibatch_grads(
+    grads = minibatch_grads(
         ctx.model, ctx.loss_fn, ctx.measure_x, ctx.measure_y, min(ctx.cfg.optimizer.batch_size, len(ctx.measure_y)),
-        n, ctx.generator(tag, step), bn_policy=ctx.cfg.measure.bn_policy, weight_decay=ctx.l2_in_measurements,
+        n, ctx.generator(tag, info.step), bn_policy=ctx.cfg.measure.bn_policy, weight_decay=ctx.l2_in_measurements,
     )
-
-
-def _check_indices(probe: Probe, indices: list[int]) -> None:
-    k = probe.ctx.tracker.k
-    if max(indices) > k:
-        from sgdscope.errors import ConfigError
-
-        raise ConfigError(f"probes.{probe.name}.eigen_indices: index {max(indices)} exceeds the {k} eigenpairs tracked")
+    return ctx.tracker.get(info.step), grads
 
 
 class DirectionProbe(Probe):
@@ -42,9 +39,7 @@ class DirectionProbe(Probe):
 
     def measure(self, info: StepInfo) -> Rows:
         ctx, pc = self.ctx, self.pcfg
-        _check_indices(self, pc.eigen_indices)
-        res = ctx.tracker.get(info.step)
-        grads = _grads(self, "direction", info.step, pc.n_grads)
+        res, grads = _eigen_and_grads(self, "direction", info, pc.n_grads)
         theta = get_flat(ctx.model)
         ks = sorted(set(float(k) for k in pc.ks) | {0.0})
         kw = dict(loss_fn=ctx.loss_fn, bn_policy=ctx.cfg.measure.bn_policy, weight_decay=ctx.l2_in_measurements)
@@ -71,12 +66,9 @@ class AlphaStepProbe(Probe):
 
     def measure(self, info: StepInfo) -> Rows:
         ctx, pc = self.ctx, self.pcfg
-        _check_indices(self, pc.eigen_indices)
-        res = ctx.tracker.get(info.step)
-        grads = _grads(self, "alpha-step", info.step, pc.n_grads)
-        g = ctx.generator("alpha-random", info.step)
-        rand = torch.randn(res.vectors.shape[1], generator=g, device=ctx.device, dtype=res.vectors.dtype)
-        dirs = [(i, res.vectors[i - 1]) for i in pc.eigen_indices] + [(0, rand / rand.norm())]
+        res, grads = _eigen_and_grads(self, "alpha-step", info, pc.n_grads)
+        rand = random_direction(ctx.model, ctx.generator("alpha-random", info.step))
+        dirs = [(i, res.vectors[i - 1]) for i in pc.eigen_indices] + [(0, rand)]
         rows = []
         for i, e in dirs:
             change, rel = alpha_step_changes(
@@ -101,7 +93,7 @@ class AlignmentProbe(Probe):
         ctx = self.ctx
         res = ctx.tracker.get(info.step)
         full = ctx.tracker.operator().gradient()
-        mini = info.grad if info.grad is not None else _grads(self, "alignment", info.step, 1)[0]
+        mini = info.grad if info.grad is not None else _eigen_and_grads(self, "alignment", info, 1)[1][0]
         rows = []
         for i in range(res.vectors.shape[0]):
             e = res.vectors[i]
