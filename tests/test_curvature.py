@@ -111,6 +111,14 @@ def test_operator_matches_autograd_hessian(method):
     torch.testing.assert_close(op.matmat(V), V @ H, rtol=0, atol=1e-12)
 
 
+def test_auto_method_is_double_backward_and_agrees_with_jvp():
+    model = mlp()
+    batches = [data(9)]
+    auto = HessianOperator(model, cross_entropy, batches)
+    assert auto.method == "double-backward"
+    torch.testing.assert_close(auto.dense(), HessianOperator(model, cross_entropy, batches, method="jvp").dense())
+
+
 def test_uneven_batches_weighted_exactly():
     model = mlp()
     x, y = data(10)
@@ -270,7 +278,7 @@ def test_operator_follows_the_model():
     "kwargs, error, match",
     [
         ({"batches": []}, ValueError, "empty"),
-        ({"batches": [data(4), (torch.zeros(0, 5, dtype=F64), torch.zeros(0, dtype=torch.long))]}, ValueError, "batch 1"),
+        ({"batches": [data(4), (torch.zeros(0, 5, dtype=F64), torch.zeros(0, dtype=torch.long))]}, ValueError, "holds no"),
         ({"method": "finite-differences"}, ValueError, "method"),
         ({"bn_policy": "frozen"}, ConfigError, "bn_policy"),
         ({"param_filter": "nothing-matches"}, ValueError, "param_filter"),
@@ -369,8 +377,9 @@ def test_quadratic_with_large_negative_eigenvalues(which):
 def test_agrees_with_scipy_eigsh(trained_mlp):
     model, batches = trained_mlp
     op = HessianOperator(model, cross_entropy, batches)
-    lin = LinearOperator((op.n_params,) * 2, matvec=lambda v: op.matvec(torch.from_numpy(v.ravel())).numpy(), dtype=np.float64)
-    ref = np.sort(eigsh(lin, k=5, which="LA", tol=1e-10, v0=np.ones(op.n_params))[0])[::-1]
+    n = op.n_params
+    lin = LinearOperator((n, n), matvec=lambda v: op.matvec(torch.from_numpy(v.ravel())).numpy(), dtype=np.float64)
+    ref = np.sort(eigsh(lin, k=5, which="LA", tol=1e-10, v0=np.ones(n))[0])[::-1]
     res = top_eigenpairs(op, k=5, which="LA", tol=1e-6)
     np.testing.assert_allclose(res.values.numpy(), ref, rtol=1e-6)
 

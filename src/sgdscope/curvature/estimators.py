@@ -116,8 +116,8 @@ def spectral_density(
     >>> A = torch.diag(torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64))
     >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(1), torch.zeros(1))])
     >>> sd = spectral_density(op, n_vectors=1, n_steps=4)
-    >>> sd.nodes.sort().values.round(decimals=6) + 0.0, sd.weights.round(decimals=6)
-    (tensor([[-1.0000,  0.0000,  0.5000,  2.0000]], dtype=torch.float64), tensor([[0.2500, 0.2500, 0.2500, 0.2500]], dtype=torch.float64))
+    >>> (sd.nodes.sort().values.round(decimals=6) + 0.0).tolist(), sd.weights.round(decimals=6).tolist()
+    ([[-1.0, 0.0, 0.5, 2.0]], [[0.25, 0.25, 0.25, 0.25]])
     >>> round(sd.moment(1), 12), round(sd.moment(2), 12)
     (0.375, 1.3125)
     """

@@ -32,9 +32,10 @@ from sgdscope.losses import Batch, LossFn, n_targets
 from sgdscope.policy import check_policy, measurement_mode
 
 HVP_METHODS = ("jvp", "double-backward")
-# "auto": double backward. On CPU (bench/results/curvature.json, "costs") it is the faster single product
-# for MLPs (torch.func's per-call overhead dominates small models) and its retained-graph block product is
-# the faster block for MLPs and SimpleCNN alike; jvp wins a single CNN product by about 10%.
+# "auto": double backward. bench/results/curvature.json ("costs", CPU seconds on 2 cores): one HVP costs
+# 1.25 / 2.42 gradients on MLPs of 2.4k / 670k parameters against 3.41 / 3.02 for jvp (torch.func's
+# per-call set-up dominates small models), and a block of 5 is cheaper too. On SimpleCNN jvp is 2-17%
+# faster per product (2.28 vs 2.75 gradients) and blocks are a tie within noise: pass method="jvp" there.
 AUTO_METHOD = "double-backward"
 
 
@@ -153,8 +154,8 @@ class HessianOperator:
             # differentiate, and autograd refuses them as outputs.
             live = [(g, n) for g, n in zip(gs, names) if g.requires_grad]
             # One forward and first backward serve the whole block; the second backward runs per vector
-            # on the retained graph. On CPU this beats is_grads_batched, whose vmap costs more than the
-            # loop it saves (bench/results/curvature.json, "block5").
+            # on the retained graph. On CPU this beat is_grads_batched, whose vmap costs more than the
+            # loop it saves: block of 5 / one HVP 3.4-3.9 against 4.2-4.8 (MLPs, SimpleCNN; 1 thread).
             for j, t in enumerate(rows):
                 hv = torch.autograd.grad(
                     [g for g, _ in live],
