@@ -261,6 +261,9 @@ def setting(name: str, n_measure: int, full: bool, cost_repeats: int) -> dict:
     else:
         ref_b = record(rows_b, "scipy eigsh cold tol 1e-3", scipy_eigsh(op, 1e-3), None)["row"]["values"]
     record(rows_b, "ours warm (init = previous vectors)", ours(op, tol=1e-3, init=prev), ref_b)
+    # The target is an eigenvalue error of 1e-3; the solver's tol bounds residuals, and the eigenvalue error
+    # is about residual²/gap, so a residual tol of 1e-2 is the matching (still conservative) setting.
+    record(rows_b, "ours warm tol 1e-2 (eigenvalue error target 1e-3)", ours(op, tol=1e-2, init=prev), ref_b)
     if full:
         record(rows_b, "ours cold tol 1e-3", ours(op, tol=1e-3), ref_b)
         record(rows_b, "scipy eigsh cold tol 1e-3", scipy_eigsh(op, 1e-3), ref_b)
@@ -294,12 +297,16 @@ def verdicts(results: dict) -> dict:
     out = {}
     for name, s in results.items():
         c = row(s["top5"], "ours cold tol 1e-3")
-        warm = row(s["after_one_step"]["rows"], "ours warm")
+        # the cheapest warm solve whose eigenvalues are within the 1e-3 target
+        warm = min((r for r in s["after_one_step"]["rows"] if r["method"].startswith("ours warm")
+                    and r.get("max_rel_err", 1.0) <= 1e-3), key=lambda r: r["n_hvps"],
+                   default=row(s["after_one_step"]["rows"], "ours warm"))
         eig_cold = row(s["after_one_step"]["rows"], "scipy eigsh cold")
         best = s["costs"][f"hvp_{s['method']}_s"]
         v = {
             "cold_max_hvps": {"value": c["n_hvps"], "pass": c["n_hvps"] <= TARGETS["cold_max_hvps"] and c["converged"]},
-            "warm_max_hvps": {"value": warm["n_hvps"], "pass": warm["n_hvps"] <= TARGETS["warm_max_hvps"]},
+            "warm_max_hvps": {"value": warm["n_hvps"], "method": warm["method"], "max_rel_err": warm["max_rel_err"],
+                              "pass": warm["n_hvps"] <= TARGETS["warm_max_hvps"]},
             "warm_hvp_saving_vs_cold_eigsh": {
                 "value": round(eig_cold["n_hvps"] / warm["n_hvps"], 2),
                 "pass": eig_cold["n_hvps"] / warm["n_hvps"] >= TARGETS["warm_hvp_saving_vs_cold_eigsh"],
