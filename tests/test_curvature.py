@@ -28,6 +28,7 @@ from sgdscope.curvature.eigen import random_start
 from sgdscope.curvature.flat import flatten, get_flat, set_flat, unflatten
 from sgdscope.errors import ConfigError
 from sgdscope.losses import cross_entropy, split_batches
+from sgdscope.models.quadratic import Quadratic, output_mean
 
 F64 = torch.float64
 
@@ -76,23 +77,13 @@ def sgd_steps(model, x, y, steps, lr=0.5):
         opt.step()
 
 
-class Quadratic(nn.Module):
-    """L(w) = ½ wᵀAw whatever the data: H = A."""
-
-    def __init__(self, a):
-        super().__init__()
-        self.a, self.w = a, nn.Parameter(torch.randn(len(a), dtype=a.dtype))
-
-    def forward(self, x):
-        return (0.5 * self.w @ self.a @ self.w).expand(len(x))
-
-
 def quadratic_op(eigenvalues, seed=0):
     g = torch.Generator().manual_seed(seed)
     lam = torch.tensor(eigenvalues, dtype=F64)
     q = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=F64)).Q
     A = q @ torch.diag(lam) @ q.T
-    return HessianOperator(Quadratic((A + A.T) / 2), lambda out, y: out.mean(), [(torch.zeros(1), torch.zeros(1))])
+    w0 = torch.randn(len(lam), generator=g, dtype=F64)
+    return HessianOperator(Quadratic((A + A.T) / 2, w0), output_mean, [(torch.zeros(1), torch.zeros(1))])
 
 
 # -- the operator ------------------------------------------------------------------------------------

@@ -180,14 +180,9 @@ def top_eigenpairs(
     Diagonal H = diag(5, 4, -6, 1, 0.5, 0.1):
 
     >>> import torch
-    >>> class Quadratic(torch.nn.Module):
-    ...     def __init__(self, a):
-    ...         super().__init__()
-    ...         self.a, self.w = a, torch.nn.Parameter(torch.ones(len(a), dtype=a.dtype))
-    ...     def forward(self, x):
-    ...         return (0.5 * self.w @ self.a @ self.w).expand(len(x))
+    >>> from sgdscope.models.quadratic import Quadratic, output_mean
     >>> A = torch.diag(torch.tensor([5.0, 4.0, -6.0, 1.0, 0.5, 0.1], dtype=torch.float64))
-    >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(1), torch.zeros(1))])
+    >>> op = HessianOperator(Quadratic(A), output_mean, [(torch.zeros(1), torch.zeros(1))])
     >>> top_eigenpairs(op, k=2, tol=1e-10).values.round(decimals=8)
     tensor([5., 4.], dtype=torch.float64)
     >>> res = top_eigenpairs(op, k=2, which="LM", tol=1e-10)

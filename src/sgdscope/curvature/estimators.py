@@ -40,14 +40,9 @@ def hutchinson_trace(
     For a diagonal H every Rademacher sample gives the exact trace, so the error is zero:
 
     >>> import torch
-    >>> class Quadratic(torch.nn.Module):
-    ...     def __init__(self, a):
-    ...         super().__init__()
-    ...         self.a, self.w = a, torch.nn.Parameter(torch.ones(len(a), dtype=a.dtype))
-    ...     def forward(self, x):
-    ...         return (0.5 * self.w @ self.a @ self.w).expand(len(x))
+    >>> from sgdscope.models.quadratic import Quadratic, output_mean
     >>> A = torch.diag(torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64))
-    >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(1), torch.zeros(1))])
+    >>> op = HessianOperator(Quadratic(A), output_mean, [(torch.zeros(1), torch.zeros(1))])
     >>> hutchinson_trace(op, n=4)
     TraceEstimate(value=2.5, stderr=0.0, n_hvps=4)
     """
@@ -107,14 +102,9 @@ def spectral_density(
     On a diagonal H the quadrature recovers the eigenvalues and E[w_j] = 1/n:
 
     >>> import torch
-    >>> class Quadratic(torch.nn.Module):
-    ...     def __init__(self, a):
-    ...         super().__init__()
-    ...         self.a, self.w = a, torch.nn.Parameter(torch.ones(len(a), dtype=a.dtype))
-    ...     def forward(self, x):
-    ...         return (0.5 * self.w @ self.a @ self.w).expand(len(x))
+    >>> from sgdscope.models.quadratic import Quadratic, output_mean
     >>> A = torch.diag(torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64))
-    >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(1), torch.zeros(1))])
+    >>> op = HessianOperator(Quadratic(A), output_mean, [(torch.zeros(1), torch.zeros(1))])
     >>> sd = spectral_density(op, n_vectors=1, n_steps=4)
     >>> (sd.nodes.sort().values.round(decimals=6) + 0.0).tolist(), sd.weights.round(decimals=6).tolist()
     ([[-1.0, 0.0, 0.5, 2.0]], [[0.25, 0.25, 0.25, 0.25]])

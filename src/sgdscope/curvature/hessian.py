@@ -58,20 +58,15 @@ class HessianOperator:
     A quadratic model L(w) = ½ wᵀAw has H = A exactly:
 
     >>> import torch
-    >>> class Quadratic(torch.nn.Module):
-    ...     def __init__(self, a):
-    ...         super().__init__()
-    ...         self.a, self.w = a, torch.nn.Parameter(torch.ones(len(a), dtype=a.dtype))
-    ...     def forward(self, x):
-    ...         return (0.5 * self.w @ self.a @ self.w).expand(len(x))
+    >>> from sgdscope.models.quadratic import Quadratic, output_mean
     >>> A = torch.tensor([[2.0, 1.0], [1.0, -3.0]], dtype=torch.float64)
-    >>> op = HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(4), torch.zeros(4))])
+    >>> op = HessianOperator(Quadratic(A), output_mean, [(torch.zeros(4), torch.zeros(4))])
     >>> op.dense()
     tensor([[ 2.,  1.],
             [ 1., -3.]], dtype=torch.float64)
     >>> op.matvec(torch.tensor([1.0, 0.0], dtype=torch.float64)), op.n_hvps
     (tensor([2., 1.], dtype=torch.float64), 3)
-    >>> HessianOperator(Quadratic(A), lambda out, y: out.mean(), [(torch.zeros(4), torch.zeros(4))],
+    >>> HessianOperator(Quadratic(A), output_mean, [(torch.zeros(4), torch.zeros(4))],
     ...                 weight_decay=0.5).dense()
     tensor([[ 3.,  1.],
             [ 1., -2.]], dtype=torch.float64)
