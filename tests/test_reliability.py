@@ -8,7 +8,6 @@ done, and compare every table and the final state with the same run left alone, 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -412,7 +411,7 @@ def test_each_probe_restores_mode_buffers_rng_and_grads(policy):
     """Called directly, every probe leaves the model's modes (train or eval, per module), parameters,
     BN buffers, .grad fields and the global RNG state as it found them."""
     cfg_raw = tiny(**BN, probes=PROBES, **{"measure.bn_policy": policy})
-    from sgdscope.config import set_dotted, validate
+    from sgdscope.config import validate
     from sgdscope.curvature.flat import get_flat
     from sgdscope.probes.base import StepInfo
 

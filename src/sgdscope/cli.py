@@ -4,7 +4,6 @@ error or divergence, 130 interrupted (the run can be resumed with ``--resume``).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

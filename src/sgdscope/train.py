@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 import sgdscope
@@ -169,9 +169,6 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------------------------- one step
-    def _objective(self, out: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(out, y) + l2_penalty(self.params, self.cfg.optimizer.weight_decay)
-
     def _grad_minibatch(self, step: int) -> tuple[float, float]:
         idx = self.stream.indices(step)
         x, y = self.data.train.x[idx], self.data.train.y[idx]
@@ -345,7 +342,6 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- the loop
     def fit(self) -> None:
-        cfg = self.cfg
         if self.step == 0:
             self.commit(self.run_probes(StepInfo(step=0, epoch=0, epoch_end=False, lr=self.schedule.lr_at(0, 1))))
         bar = tqdm(
