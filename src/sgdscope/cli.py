@@ -4,6 +4,7 @@ error or divergence, 130 interrupted (the run can be resumed with ``--resume``).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,6 +37,9 @@ def _guard(fn):
             _fail(1, f"diverged: {err}")
         except KeyboardInterrupt:
             _fail(130, "interrupted; measured rows are kept, continue with --resume")
+        except BrokenPipeError:  # the reader went away (`| head`): nothing left to say, and no error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except Exception as err:  # noqa: BLE001
             if os.environ.get("SGDSCOPE_DEBUG"):
                 raise
