@@ -142,19 +142,25 @@ def scipy_eigsh(op: HessianOperator, tol: float, v0: torch.Tensor | None = None)
     return run
 
 
+def count_calls(obj: object, method: str) -> list[int]:
+    """Wrap ``obj.method`` so that each call adds one to the returned counter (a peer's HVP count)."""
+    count = [0]
+    inner = getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(obj, method, counted)
+    return count
+
+
 def pyhessian_top5(model: nn.Module, batches: list) -> Callable:
     from pyhessian import hessian  # noqa: PLC0415 - optional peer
 
     def run():
         hs = hessian(copy.deepcopy(model), nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
-        count = [0]
-        inner = hs.dataloader_hv_product
-
-        def counted(v):
-            count[0] += 1
-            return inner(v)
-
-        hs.dataloader_hv_product = counted
+        count = count_calls(hs, "dataloader_hv_product")
         torch.manual_seed(0)
         vals, _ = hs.eigenvalues(top_n=K)  # power iteration with deflation, tol 1e-3 (its default)
         return sorted(vals, reverse=True), count[0], True, None
@@ -166,14 +172,7 @@ def eigenthings_lanczos(model: nn.Module, batches: list, max_iter: int | None) -
 
     def run():
         heop = he.HessianOperator(model, batches, he.supervised_loss(cross_entropy))
-        count = [0]
-        inner = heop.matvec
-
-        def counted(v):
-            count[0] += 1
-            return inner(v)
-
-        heop.matvec = counted
+        count = count_calls(heop, "matvec")
         res = he.lanczos(heop, k=K, which="LA", max_iter=max_iter, tol=1e-3, seed=0)
         vals = res.eigenvalues.tolist()
         return sorted(vals, reverse=True), count[0], bool(res.converged.all()), None
