@@ -173,7 +173,7 @@ class InterpolationProbe(_Probe):
 
 
 class AlignmentProbe(_Probe):
-    pass
+    """cos(g, e_i) of the minibatch and the full gradient with each tracked eigenvector (no extra keys)."""
 
 
 class ProbesConfig(_Strict):
