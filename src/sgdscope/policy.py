@@ -28,8 +28,14 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def _buffers_of_norm_layers(model: nn.Module) -> list[torch.Tensor]:
-    return [b for m in model.modules() if isinstance(m, _NORM_TYPES) for b in m.buffers(recurse=False)]
+def norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of the model's BatchNorm layers (running statistics, batch counts), by qualified name."""
+    return {
+        f"{mod_name}.{b_name}" if mod_name else b_name: b
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, _NORM_TYPES)
+        for b_name, b in mod.named_buffers(recurse=False)
+    }
 
 
 @contextlib.contextmanager
@@ -58,7 +64,7 @@ def measurement_mode(model: nn.Module, policy: str = "train-restore") -> Iterato
     """
     check_policy(policy)
     flags = [(m, m.training) for m in model.modules()]
-    saved = [b.detach().clone() for b in _buffers_of_norm_layers(model)] if policy == "train-restore" else None
+    saved = [b.detach().clone() for b in norm_buffers(model).values()] if policy == "train-restore" else None
     with rng_preserved() if policy != "train" else contextlib.nullcontext():
         try:
             model.train(policy != "eval")
@@ -66,7 +72,7 @@ def measurement_mode(model: nn.Module, policy: str = "train-restore") -> Iterato
         finally:
             if saved is not None:
                 with torch.no_grad():
-                    for b, s in zip(_buffers_of_norm_layers(model), saved):
+                    for b, s in zip(norm_buffers(model).values(), saved):
                         b.copy_(s)
             for m, f in flags:
                 m.training = f

@@ -35,24 +35,15 @@ from torch.func import functional_call, vmap
 from sgdscope.curvature.flat import get_flat, named_trainable, set_flat, unflatten
 from sgdscope.errors import ConfigError
 from sgdscope.losses import Batch, LossFn, cross_entropy, l2_penalty, n_targets
-from sgdscope.policy import _NORM_TYPES, check_policy, measurement_mode
+from sgdscope.policy import check_policy, measurement_mode, norm_buffers
 
 METHODS = ("auto", "vmap", "loop")
-
-
-def _norm_buffer_names(model: nn.Module) -> set[str]:
-    return {
-        f"{mod_name}.{b_name}" if mod_name else b_name
-        for mod_name, mod in model.named_modules()
-        if isinstance(mod, _NORM_TYPES)
-        for b_name, _ in mod.named_buffers(recurse=False)
-    }
 
 
 def _resolve_method(model: nn.Module, bn_policy: str, method: str) -> str:
     if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    sequential_bn = bn_policy == "train" and bool(_norm_buffer_names(model))
+    sequential_bn = bn_policy == "train" and bool(norm_buffers(model))
     if method == "vmap" and sequential_bn:
         raise ConfigError('method "vmap" cannot update BN running statistics in order; use bn_policy "train-restore"')
     return "loop" if method == "auto" else method
@@ -85,7 +76,7 @@ def _losses_vmap(
     like = [p for _, p in trainable]
     trainable_names = set(names)
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in trainable_names}
-    norm = _norm_buffer_names(model)
+    norm = norm_buffers(model)
     shared = {n: b for n, b in model.named_buffers() if n not in norm}
     per_point = {n: b.detach().expand(len(points), *b.shape).clone() for n, b in model.named_buffers() if n in norm}
 
