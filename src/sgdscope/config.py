@@ -6,6 +6,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -236,12 +237,24 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_value(text: str) -> Any:
-    """Parse the value of ``--set key=value`` as YAML (so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work)."""
+    """Parse the value of ``--set key=value`` or of a ``--grid`` entry as YAML (so ``0.1``, ``true``,
+    ``[1, 2]`` and ``null`` work). YAML 1.1 reads ``1e-3`` (an exponent without a dot) as a string; such
+    text is a number here.
+
+    >>> parse_value("1e-3"), parse_value("[64, 64]"), parse_value("sgd")
+    (0.001, [64, 64], 'sgd')
+    """
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any, option: str = "--set") -> None:

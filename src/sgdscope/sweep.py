@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import yaml
 
-from sgdscope.config import set_dotted
+from sgdscope.config import parse_value, set_dotted
 from sgdscope.errors import ConfigError, RunStoreError
 from sgdscope.store import RunStore, atomic_write_bytes
 
@@ -92,7 +92,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--grid {item!r}: expected key=v1,v2,..., for example optimizer.lr=0.1,0.05")
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice")
-        grid[key] = [_parse_value(v) for v in _split_top_level(text)]
+        grid[key] = [parse_value(v) for v in _split_top_level(text)]
     return grid
 
 
@@ -108,18 +108,6 @@ def _split_top_level(text: str) -> list[str]:
             cur += ch
     parts.append(cur.strip())
     return parts
-
-
-def _parse_value(text: str) -> Any:
-    from sgdscope.config import parse_value
-
-    value = parse_value(text)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; a grid of learning rates means a number
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _with_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
