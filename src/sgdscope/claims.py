@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,8 @@ import pandas as pd
 from sgdscope.store import RunStore
 from sgdscope.tables import (
     LAST_POINTS,
+    Runs,
+    as_runs,
     _last_points,
     barriers_per_epoch,
     best_val_row,
@@ -37,7 +39,6 @@ from sgdscope.tables import (
     peak_lambda,
 )
 
-RunsArg = Union[str, Path, Sequence[tuple[Mapping[str, Any], Union[str, Path]]], Mapping[str, Union[str, Path, RunStore]]]
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -92,32 +93,10 @@ class _Run:
         return str(self.store.status().get("state", "?"))
 
 
-def _label(overrides: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items()) or "run"
-
-
-def load_runs(runs: RunsArg) -> list[_Run]:
-    """The runs of a recipe from any of the accepted forms (runs never started are skipped)."""
-    from sgdscope.sweep import is_sweep, open_sweep
-
-    pairs: list[tuple[str, RunStore]] = []
-    if isinstance(runs, (str, Path)):
-        if is_sweep(runs):
-            view = open_sweep(runs)
-            pairs = [(m.label or m.name, m.store) for m in view.started()]
-        else:
-            pairs = [(Path(runs).name, RunStore(runs))]
-    elif isinstance(runs, Mapping):
-        pairs = [(str(k), v if isinstance(v, RunStore) else RunStore(v)) for k, v in runs.items()]
-    else:
-        for overrides, path in runs:
-            pairs.append((_label(overrides), path if isinstance(path, RunStore) else RunStore(path)))
-    labels = [label for label, _ in pairs]
-    if len(set(labels)) != len(labels):  # labels key the tables: fall back to folder names, then numbers
-        labels = [store.path.name for _, store in pairs]
-        if len(set(labels)) != len(labels):
-            labels = [f"{i}: {label}" for i, label in enumerate(labels)]
-    return [_Run(label, store, store.config()) for label, (_, store) in zip(labels, pairs)]
+def load_runs(runs: Runs) -> list[_Run]:
+    """The runs of a recipe from any form :func:`sgdscope.tables.as_runs` accepts (runs never started are
+    skipped)."""
+    return [_Run(label, store, store.config()) for label, store in as_runs(runs).items()]
 
 
 def _monotone(values: Sequence[float], increasing: bool, strict: bool = True) -> bool:
@@ -136,7 +115,7 @@ def _final_epoch(run: _Run) -> pd.Series | None:
 # ------------------------------------------------------------------------------ Jastrzebski: Figs. 2/3
 
 
-def _peak_sweep(runs: RunsArg, key: str, symbol: str, smaller_earlier_when: str, experiment: str,
+def _peak_sweep(runs: Runs, key: str, symbol: str, smaller_earlier_when: str, experiment: str,
                 claim: str) -> ClaimResult:
     rows = []
     for r in load_runs(runs):
@@ -156,14 +135,14 @@ def _peak_sweep(runs: RunsArg, key: str, symbol: str, smaller_earlier_when: str,
         "(epochs of the run's epoch_size, i.e. examples seen)"])
 
 
-def sharpest_lr_sweep(runs: RunsArg) -> ClaimResult:
+def sharpest_lr_sweep(runs: Runs) -> ClaimResult:
     """Fig. 2/3, lr sweep: held iff the smoothed peak of λ₁ strictly decreases with η and the time to 90% of
     the peak does not increase with η."""
     return _peak_sweep(runs, "optimizer.lr", "η", "increasing", "sharpest-lr-sweep",
                        "a larger η gives a smaller, earlier peak of λ₁")
 
 
-def sharpest_batch_sweep(runs: RunsArg) -> ClaimResult:
+def sharpest_batch_sweep(runs: Runs) -> ClaimResult:
     """Fig. 2/3, batch sweep: held iff the smoothed peak of λ₁ strictly increases with S and the time to 90%
     of the peak (in epochs, i.e. examples seen) does not decrease with S."""
     return _peak_sweep(runs, "optimizer.batch_size", "S", "decreasing", "sharpest-batch-sweep",
@@ -173,7 +152,7 @@ def sharpest_batch_sweep(runs: RunsArg) -> ClaimResult:
 # ----------------------------------------------------------------------------------- Jastrzebski: Fig. 4
 
 
-def bowl_alpha_step(runs: RunsArg, last: int = LAST_POINTS, kmin_range: tuple[float, float] = (0.5, 8.0),
+def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float, float] = (0.5, 8.0),
                     random_fraction: float = 0.25) -> ClaimResult:
     """Fig. 4, from the last ``last`` logged points of one run (several runs: the first).
 
@@ -266,7 +245,7 @@ def _variant_name(run: _Run) -> str:
     return name.replace(" top", " constant top") if frozen else name
 
 
-def subspace_variants(runs: RunsArg) -> ClaimResult:
+def subspace_variants(runs: Runs) -> ClaimResult:
     """Fig. 5 left. From the shared start point (``nudge_from``) to the end (mean of the last 5 λ₁ and loss
     measurements): held iff SGD top ends with λ₁ below its start and below SGD's end, and SGD no top ends
     with λ₁ above its start and above SGD's end. Soft: SGD no top lowers the loss; SGD constant top moves
@@ -291,7 +270,7 @@ def subspace_variants(runs: RunsArg) -> ClaimResult:
     return ClaimResult("subspace-variants", "SGD top lowers λ₁, SGD no top raises it", df, checks, soft)
 
 
-def subspace_gamma(runs: RunsArg) -> ClaimResult:
+def subspace_gamma(runs: Runs) -> ClaimResult:
     """Fig. 5 right. Held iff every γ < 1 ends with λ₁ above SGD's (γ=1) end and every γ > 1 below it.
     Soft: λ₁ at the end decreases monotonically with γ; every γ lowers the loss from the start point."""
     rows = []
@@ -315,7 +294,7 @@ def subspace_gamma(runs: RunsArg) -> ClaimResult:
 # ------------------------------------------------------------------------------ Jastrzebski: Table 1
 
 
-def _table_lr(runs: RunsArg, meta: pd.DataFrame) -> float:
+def _table_lr(runs: Runs, meta: pd.DataFrame) -> float:
     """The η of the table: a sweep's base config lr where it is among the runs' η, else the η shared by
     most γ≠1 runs (ties: the first seen)."""
     from collections import Counter
@@ -331,7 +310,7 @@ def _table_lr(runs: RunsArg, meta: pd.DataFrame) -> float:
     return float(Counter(pool["η"]).most_common(1)[0][0])
 
 
-def nsgd_table1(runs: RunsArg, lr: float | None = None, acc_tolerance: float = 0.02) -> ClaimResult:
+def nsgd_table1(runs: Runs, lr: float | None = None, acc_tolerance: float = 0.02) -> ClaimResult:
     """Table 1 (from :func:`sgdscope.tables.jastrzebski_table1`), one row per (γ, η).
 
     At the table's η (``lr``; default: the η shared by most γ≠1 runs): held iff every γ < 1 run ends sharper
@@ -387,7 +366,7 @@ def _walk_numbers(run: _Run, last: int = 50) -> dict[str, float]:
     }
 
 
-def walk_gd_vs_sgd(runs: RunsArg, gd_max: float = -0.7, gap: float = 0.3, last: int = 50) -> ClaimResult:
+def walk_gd_vs_sgd(runs: Runs, gd_max: float = -0.7, gap: float = 0.3, last: int = 50) -> ClaimResult:
     """Figs. 1/2. Held iff GD's mean consecutive-gradient cosine over the last ``last`` steps is ≤ ``gd_max``
     ("approaches −1") and SGD's is at least ``gap`` higher ("much less negative"). Soft: SGD travels farther
     from init than GD; most interpolations have an interior minimum (both)."""
@@ -410,7 +389,7 @@ def walk_gd_vs_sgd(runs: RunsArg, gd_max: float = -0.7, gap: float = 0.3, last: 
 # ------------------------------------------------------------------------------------- Xing: Tables 1, 2
 
 
-def valley_height_vs_lr(runs: RunsArg, share: float = 0.75) -> ClaimResult:
+def valley_height_vs_lr(runs: Runs, share: float = 0.75) -> ClaimResult:
     """Table 2 (from :func:`sgdscope.tables.heights_per_epoch`): held iff the mean height increases with η
     (strictly, across every η of the grid) in at least ``share`` of the interpolated epochs. Soft: the height
     decreases from the first to the last interpolated epoch at every η."""
@@ -428,7 +407,7 @@ def valley_height_vs_lr(runs: RunsArg, share: float = 0.75) -> ClaimResult:
     return ClaimResult("valley-height-vs-lr", "a larger lr gives a larger height above the valley floor", h, checks, soft)
 
 
-def barriers_per_epoch_claim(runs: RunsArg, late_share: float = 0.1) -> ClaimResult:
+def barriers_per_epoch_claim(runs: Runs, late_share: float = 0.1) -> ClaimResult:
     """Table 1 (from :func:`sgdscope.tables.barriers_per_epoch`): held iff no barrier is crossed in the first
     interpolated epoch of any run, and at most ``late_share`` of all interpolated steps cross one."""
     loaded = load_runs(runs)
@@ -449,7 +428,7 @@ def barriers_per_epoch_claim(runs: RunsArg, late_share: float = 0.1) -> ClaimRes
 # ------------------------------------------------------------------------------------------ Xing: Fig. 4
 
 
-def cosine_vs_batch_and_lr(runs: RunsArg, lr_spread: float = 0.15) -> ClaimResult:
+def cosine_vs_batch_and_lr(runs: Runs, lr_spread: float = 0.15) -> ClaimResult:
     """Fig. 4. Mean consecutive-gradient cosine and final distance per (S, η). Held iff at every η the
     cosine strictly decreases with S and the distance strictly decreases with S, and at every S the spread
     of the cosine over η is ≤ ``lr_spread`` and smaller than its spread over S at every η ("nearly
@@ -477,7 +456,7 @@ def cosine_vs_batch_and_lr(runs: RunsArg, lr_spread: float = 0.15) -> ClaimResul
 # ------------------------------------------------------------------------------------------ Xing: Fig. 5
 
 
-def isotropic_noise(runs: RunsArg) -> ClaimResult:
+def isotropic_noise(runs: Runs) -> ClaimResult:
     """Fig. 5. Against the noiseless GD run (noise_factor 0, or optimizer gd): held iff every noisy run ends
     with a higher training loss, a validation accuracy no higher, and a larger parameter norm. Soft: it
     also ends farther from init; an SGD run, if present, ends with the smallest norm."""
@@ -511,7 +490,7 @@ def isotropic_noise(runs: RunsArg) -> ClaimResult:
 # ------------------------------------------------------------------------------------------ Xing: Fig. 6
 
 
-def lr_schedules(runs: RunsArg, tolerance: float = 0.01) -> ClaimResult:
+def lr_schedules(runs: Runs, tolerance: float = 0.01) -> ClaimResult:
     """Fig. 6. Final and best validation accuracy per schedule. Held iff the better of CLR and trapezoid
     ends (final val acc) no more than ``tolerance`` below step annealing. Soft: trapezoid and CLR end within
     2·``tolerance`` of each other."""
@@ -563,7 +542,7 @@ def experiment_of(recipe: str) -> str:
     return recipe
 
 
-def check(recipe: str, runs: RunsArg, **kw: Any) -> ClaimResult:
+def check(recipe: str, runs: Runs, **kw: Any) -> ClaimResult:
     """The claim of ``recipe`` (a bundled recipe or experiment name) tested on ``runs``."""
     from sgdscope.errors import ConfigError
 

@@ -21,7 +21,7 @@ import pandas as pd
 from sgdscope.errors import ConfigError
 from sgdscope.store import RunStore
 
-Runs = Mapping[str, "RunStore | str | Path"] | str | Path
+Runs = Mapping[str, "RunStore | str | Path"] | Sequence[tuple[Mapping[str, Any], "RunStore | str | Path"]] | str | Path
 
 LAST_POINTS = 25  # Jastrzebski: k_min and α-step numbers are means over the last 25 logged points
 SMOOTH = 5  # Jastrzebski: curvature traces are smoothed with a 5-point box filter before peaks are read
@@ -60,20 +60,35 @@ def smooth(values: Sequence[float] | pd.Series, window: int) -> np.ndarray:
     return s.rolling(window, center=True, min_periods=1).mean().to_numpy()
 
 
+def _override_label(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items()) or "run"
+
+
 def as_runs(runs: Runs) -> dict[str, RunStore]:
-    """``{label: RunStore}`` from a mapping of labels to stores or paths, a sweep directory (labels from
-    its grid) or a single run directory."""
+    """``{label: RunStore}`` from a sweep directory (labels from its grid), a single run directory, a
+    mapping of labels to stores or paths, or a list of ``(overrides, store or path)`` pairs (labelled by
+    their overrides). Labels that collide fall back to folder names, then to numbered labels."""
     from sgdscope.sweep import is_sweep, open_sweep
+
+    def store_of(v: Any) -> RunStore:
+        return v if isinstance(v, RunStore) else RunStore(v)
 
     if isinstance(runs, (str, Path)):
         if is_sweep(runs):
-            members = open_sweep(runs).started()
-            labels = [m.label for m in members]
-            unique = len(set(labels)) == len(labels)
-            return {(m.label if unique else m.name): m.store for m in members}
-        store = RunStore(runs)
-        return {store.path.name: store}
-    return {str(k): v if isinstance(v, RunStore) else RunStore(v) for k, v in runs.items()}
+            pairs = [(m.label or m.name, m.store) for m in open_sweep(runs).started()]
+        else:
+            store = RunStore(runs)
+            pairs = [(store.path.name, store)]
+    elif isinstance(runs, Mapping):
+        pairs = [(str(k), store_of(v)) for k, v in runs.items()]
+    else:
+        pairs = [(_override_label(overrides), store_of(path)) for overrides, path in runs]
+    labels = [label for label, _ in pairs]
+    if len(set(labels)) != len(labels):
+        labels = [store.path.name for _, store in pairs]
+        if len(set(labels)) != len(labels):
+            labels = [f"{i}: {label}" for i, label in enumerate(labels)]
+    return {label: store for label, (_, store) in zip(labels, pairs)}
 
 
 def _nearest(df: pd.DataFrame, step: float, col: str) -> float:
