@@ -29,12 +29,13 @@ from sgdscope.tables import (
     LAST_POINTS,
     Runs,
     as_runs,
-    _last_points,
     barriers_per_epoch,
     best_val_row,
     final_distance,
     heights_per_epoch,
     jastrzebski_table1,
+    lambda1,
+    last_points,
     mean_cosine,
     peak_lambda,
 )
@@ -167,7 +168,7 @@ def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float
     rows: list[dict[str, Any]] = []
     d = run.store.table("direction")
     if len(d):
-        d = _last_points(d, last)
+        d = last_points(d, last)
         e1 = d[d["eigen_index"] == 1]
         l0 = e1[e1["k"] == 0].set_index("step")["loss"]
         far = e1[e1["k"].abs() >= 2]
@@ -178,7 +179,7 @@ def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float
     km = run.store.table("k_min")
     kmean: dict[tuple[int, float], float] = {}
     if len(km):
-        km = _last_points(km, last)
+        km = last_points(km, last)
         for (i, th), g in km.groupby(["eigen_index", "threshold"]):
             kmean[(int(i), float(th))] = float(g["k_min"].mean())
             rows.append({"quantity": f"k_min e{int(i)} {th:.0%}", "value": float(g["k_min"].mean()),
@@ -192,7 +193,7 @@ def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float
                 math.isnan(o) or o > k10 for o in others)
     al = run.store.table("alpha_step")
     if len(al):
-        al = _last_points(al, last)
+        al = last_points(al, last)
         rel = al.groupby(["direction", "alpha"])["relative_change"].mean()
         for (dname, a), v in rel.items():
             rows.append({"quantity": f"α-step {dname} α={a:g} (% of L)", "value": 100 * float(v)})
@@ -217,8 +218,7 @@ def _variant_numbers(run: _Run, tail: int = 5) -> dict[str, float]:
     """λ₁ and training loss where the variant starts (``optimizer.nudge_from``) and at the end (mean of
     the last ``tail`` measurements)."""
     start = int(run.get("optimizer.nudge_from", 0) or 0)
-    eig = run.store.table("eigen")
-    lam = eig[eig["index"] == 1][["step", "value"]] if len(eig) else pd.DataFrame(columns=["step", "value"])
+    lam = lambda1(run.store)
     ep = run.store.table("epoch")
     out = {"λ₁ start": math.nan, "λ₁ end": math.nan, "loss start": math.nan, "loss end": math.nan}
     if len(lam):

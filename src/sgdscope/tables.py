@@ -104,7 +104,8 @@ def best_val_row(epochs: pd.DataFrame) -> pd.Series:
     return epochs.loc[epochs["val_acc"].idxmax()]
 
 
-def _lambda1(store: RunStore) -> pd.DataFrame:
+def lambda1(store: RunStore) -> pd.DataFrame:
+    """λ₁ per measured step: columns ``step``, ``value`` (empty when the run has no eigen rows)."""
     eig = store.table("eigen")
     if not len(eig):
         return eig
@@ -117,7 +118,7 @@ def peak_lambda(store: RunStore, window: int = SMOOTH) -> dict[str, float]:
     Keys: ``peak`` (smoothed max), ``peak_step``, ``peak_epoch``, ``t90_step``/``t90_epoch`` (the first
     time the smoothed λ₁ reaches 90% of its peak), ``raw_max`` and ``final``. All NaN without eigen rows.
     """
-    lam = _lambda1(store)
+    lam = lambda1(store)
     keys = ("peak", "peak_step", "peak_epoch", "t90_step", "t90_epoch", "raw_max", "final")
     if not len(lam):
         return dict.fromkeys(keys, math.nan)
@@ -216,7 +217,7 @@ def heights_per_epoch(runs: Runs) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ run summary
 
 
-def _last_points(df: pd.DataFrame, n: int) -> pd.DataFrame:
+def last_points(df: pd.DataFrame, n: int) -> pd.DataFrame:
     """The rows of the last ``n`` logged steps."""
     steps = np.sort(df["step"].unique())[-n:]
     return df[df["step"].isin(steps)]
@@ -245,7 +246,7 @@ def run_summary(store: RunStore, last: int = LAST_POINTS) -> pd.DataFrame:
         ]
     pk = peak_lambda(store)
     if not math.isnan(pk["peak"]):
-        lam = _lambda1(store)
+        lam = lambda1(store)
         lr = _nearest(tr, lam["step"].iloc[-1], "lr") if len(tr) else math.nan
         rows += [
             ("curvature", "peak λ₁ (5-point smoothed)", pk["peak"],
@@ -260,14 +261,14 @@ def run_summary(store: RunStore, last: int = LAST_POINTS) -> pd.DataFrame:
                          f"K = {int(curv['k'].iloc[-1])}" if "k" in curv else ""))
     km = store.table("k_min")
     if len(km):
-        tail = _last_points(km, last)
+        tail = last_points(km, last)
         for (i, th), g in tail.groupby(["eigen_index", "threshold"]):
             closed = int(g["k_min"].notna().sum())
             rows.append(("k_min", f"k_min along e{int(i)}, {th:.0%} rise", float(g["k_min"].mean()),
                          f"mean of last {g['step'].nunique()} points; bowl closed at {closed}"))
     al = store.table("alpha_step")
     if len(al):
-        tail = _last_points(al, last)
+        tail = last_points(al, last)
         for (d, a), g in tail.groupby(["direction", "alpha"], sort=True):
             rows.append(("α-step", f"α = {a:g} along {d}: loss change", 100 * float(g["relative_change"].mean()),
                          f"% of L(θ); mean of last {g['step'].nunique()} points"))
