@@ -134,7 +134,14 @@ def check_consistent(store: RunStore, tables: tuple[str, ...] | None = None) -> 
         if t == "interpolation":
             sizes = df.groupby("step").size()
             assert (sizes == N_ALPHAS).all(), f"a partial interpolation commit: {sizes.to_dict()}"
-        assert (df["logged_at"] >= 0).all()
+        # logged_at is the step whose commit wrote the row: commits append in step order, no row is
+        # committed before the step it describes, and a train row is committed at its own step.
+        assert df["logged_at"].is_monotonic_increasing, f"{t}: logged_at goes back in rowid order"
+        if "step" in df:
+            early = df[df["logged_at"] < df["step"]]
+            assert early.empty, f"{t}: rows logged before their step {early.to_dict('records')[:3]}"
+        if t == "train":
+            assert (df["logged_at"] == df["step"]).all(), "train rows not logged at their own step"
     store.close()
     return counts
 
