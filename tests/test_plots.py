@@ -14,7 +14,7 @@ import yaml
 from sgdscope.errors import ConfigError, RunStoreError
 from sgdscope.plots import FIGURES, plot, run_figures, sweep_figures
 from sgdscope.store import RunStore
-from sgdscope.sweep import open_sweep
+from sgdscope.sweepview import open_sweep
 from sgdscope import tables
 
 SPE = 10  # steps per epoch of the synthetic runs

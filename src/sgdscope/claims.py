@@ -299,7 +299,7 @@ def _table_lr(runs: Runs, meta: pd.DataFrame) -> float:
     most γ≠1 runs (ties: the first seen)."""
     from collections import Counter
 
-    from sgdscope.sweep import is_sweep, open_sweep
+    from sgdscope.sweepview import is_sweep, open_sweep
 
     if isinstance(runs, (str, Path)) and is_sweep(runs):
         base = (open_sweep(runs).base.get("optimizer") or {}).get("lr")

@@ -50,7 +50,7 @@ _SHOWN = [
 def _headlines(out: Path) -> str:
     """A small table: one column per learning rate, the rows of ``_SHOWN`` (from the stores only)."""
     from sgdscope.store import RunStore
-    from sgdscope.sweep import run_name
+    from sgdscope.sweepview import run_name
     from sgdscope.tables import fmt, run_summary
 
     cols = []

@@ -21,7 +21,7 @@ import yaml
 from sgdscope import tables
 from sgdscope.plots import FIGURES, draw, run_figures, sweep_figures
 from sgdscope.store import RunStore
-from sgdscope.sweep import SweepView, is_sweep, open_sweep, symbol
+from sgdscope.sweepview import SweepView, is_sweep, open_sweep, symbol
 
 REPORT = "report.html"
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from sgdscope.errors import ConfigError
 from sgdscope.store import RunStore
+from sgdscope.sweepview import is_sweep, open_sweep
 
 Runs = Mapping[str, "RunStore | str | Path"] | Sequence[tuple[Mapping[str, Any], "RunStore | str | Path"]] | str | Path
 
@@ -68,8 +69,6 @@ def as_runs(runs: Runs) -> dict[str, RunStore]:
     """``{label: RunStore}`` from a sweep directory (labels from its grid), a single run directory, a
     mapping of labels to stores or paths, or a list of ``(overrides, store or path)`` pairs (labelled by
     their overrides). Labels that collide fall back to folder names, then to numbered labels."""
-    from sgdscope.sweep import is_sweep, open_sweep
-
     def store_of(v: Any) -> RunStore:
         return v if isinstance(v, RunStore) else RunStore(v)
 

@@ -16,7 +16,7 @@ from sgdscope.plots import curves, sharpest, walk
 from sgdscope.plots._common import STYLE
 from sgdscope.plots import sweep as sweep_figs
 from sgdscope.store import RunStore
-from sgdscope.sweep import SweepView, is_sweep, open_sweep
+from sgdscope.sweepview import SweepView, is_sweep, open_sweep
 
 
 class Figure(NamedTuple):

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 
 from sgdscope.plots._common import auto_window, color, no_data, save, subplots, title
 from sgdscope.store import RunStore
-from sgdscope.sweep import Member, SweepView, label_for
+from sgdscope.sweepview import Member, SweepView, label_for
 from sgdscope.tables import smooth, time_axis
 
 _SPLITS = (("train", "-", "o"), ("val", "--", "s"), ("test", ":", "^"))

@@ -14,7 +14,7 @@ from matplotlib import cm, colors
 from sgdscope.plots._common import color, no_data, save, subplots, title
 from sgdscope.plots.curves import Curve, compare
 from sgdscope.store import RunStore
-from sgdscope.sweep import SweepView
+from sgdscope.sweepview import SweepView
 from sgdscope.tables import time_axis
 
 # ---------------------------------------------------------------------------------------- eigenvalues

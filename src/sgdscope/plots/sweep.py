@@ -11,7 +11,7 @@ from matplotlib.ticker import NullFormatter
 
 from sgdscope.plots._common import color, no_data, save, subplots, title
 from sgdscope.store import RunStore
-from sgdscope.sweep import SweepView, label_for, symbol
+from sgdscope.sweepview import SweepView, label_for, symbol
 from sgdscope.tables import final_distance, mean_cosine, peak_lambda
 
 Metric = tuple[str, Callable[[RunStore], float]]

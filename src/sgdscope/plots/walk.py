@@ -12,7 +12,7 @@ import pandas as pd
 from sgdscope.plots._common import color, save, subplots, title
 from sgdscope.plots.curves import Curve, compare
 from sgdscope.store import RunStore
-from sgdscope.sweep import SweepView
+from sgdscope.sweepview import SweepView
 
 MARKERS_UP_TO = 120  # steps per walk plot above which floor markers would merge into a smear
 
