@@ -13,7 +13,15 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sgdscope.errors import ConfigError
+from sgdscope.errors import ConfigError, format_validation_error
+from sgdscope.measure.options import (  # noqa: F401 - the probe options are part of the run config
+    AlignmentProbe,
+    AlphaStepProbe,
+    DirectionProbe,
+    EigenProbe,
+    InterpolationProbe,
+    ProbesOptions as ProbesConfig,
+)
 
 Every = Union[Literal["epoch"], int]
 
@@ -114,77 +122,6 @@ class MeasureConfig(_Strict):
     include_l2: bool = True
 
 
-class _Probe(_Strict):
-    every: Every = "epoch"
-    first_steps: int = Field(0, ge=0)  # zoom: also measure at every step < first_steps
-
-
-class EigenProbe(_Probe):
-    k: int = Field(5, gt=0, le=100)
-    which: Literal["LA", "LM"] = "LA"
-    tol: float = Field(1e-3, gt=0)
-    max_hvps: int = Field(500, gt=0)
-    save_vectors: bool = False
-
-
-class DirectionProbe(_Probe):
-    eigen_indices: list[int] = Field(default_factory=lambda: [1, 3, 5])
-    ks: list[float] = Field(default_factory=lambda: [0, 0.25, -0.25, 0.5, -0.5, 1, -1, 2, -2, 4, -4, 8, -8, 16, -16])
-    n_grads: int = Field(10, gt=0)
-    thresholds: list[float] = Field(default_factory=lambda: [0.01, 0.1])
-
-    @field_validator("eigen_indices")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("must be a non-empty list of 1-based eigen indices")
-        return v
-
-
-class AlphaStepProbe(_Probe):
-    eigen_indices: list[int] = Field(default_factory=lambda: [1])
-    alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1, 2, 4])
-    n_grads: int = Field(10, gt=0)
-
-    @field_validator("alphas")
-    @classmethod
-    def _alphas(cls, v: list[float]) -> list[float]:
-        if not v or any(a <= 0 for a in v) or any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError("must be a non-empty, increasing list of positive step multipliers")
-        return v
-
-
-class InterpolationProbe(_Probe):
-    every: Every = 1
-    epochs: Optional[list[int]] = Field(default_factory=lambda: [1])  # None: every epoch
-    alphas: Union[int, list[float]] = 10
-    subset: Literal["full", "measure"] = "full"
-    height: Literal["start", "end", "mean"] = "start"
-
-    @field_validator("alphas")
-    @classmethod
-    def _grid(cls, v: Union[int, list[float]]) -> Union[int, list[float]]:
-        if isinstance(v, int):
-            if v < 2:
-                raise ValueError("needs at least 2 points")
-            return v
-        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 0 or v[-1] > 1:
-            raise ValueError("must be a sorted list of at least 2 distinct values in [0, 1]")
-        return v
-
-
-class AlignmentProbe(_Probe):
-    """cos(g, e_i) of the minibatch and the full gradient with each tracked eigenvector (no extra keys)."""
-
-
-class ProbesConfig(_Strict):
-    eigen: Optional[EigenProbe] = None
-    direction: Optional[DirectionProbe] = None
-    alpha_step: Optional[AlphaStepProbe] = None
-    interpolation: Optional[InterpolationProbe] = None
-    alignment: Optional[AlignmentProbe] = None
-
-
 class RunConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -215,16 +152,7 @@ def _key(p: Any) -> str:
 
 
 def _format_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(_key(p) for p in e["loc"]) or "config"
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif e["type"] == "literal_error":
-        msg = "must be one of " + msg.split("Input should be ", 1)[-1]
-    msg = msg.removeprefix("Value error, ")
-    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{loc}: {msg}; got {e.get('input')!r}{extra}"
+    return format_validation_error(err)
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:

@@ -19,3 +19,24 @@ class RunStoreError(SgdscopeError):
 
 class DivergenceError(Exception):
     """Training produced a non-finite loss or gradient (exit code 1, status 'failed')."""
+
+
+def _key(p: object) -> str:
+    """A key as shown in a message: itself, or its repr when it would break the one-line message."""
+    return str(p) if str(p).isprintable() else repr(p)
+
+
+def format_validation_error(err, prefix: str = "") -> str:
+    """One line for a pydantic ``ValidationError``: ``loc: what is allowed; got value`` (+ how many more)."""
+    e = err.errors()[0]
+    loc = ".".join(_key(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"])) or "config"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "literal_error":
+        msg = "must be one of " + msg.split("Input should be ", 1)[-1]
+    elif e["type"] == "finite_number":
+        msg = "must be a finite number"
+    msg = msg.removeprefix("Value error, ")
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}; got {e.get('input')!r}{extra}"

@@ -1,0 +1,153 @@
+"""The options of every probe: pydantic models shared by a run config's ``probes:`` section and by
+:class:`~sgdscope.measure.Scope`'s ``probes=`` mapping, so both take the same keys, defaults and checks.
+
+A probe is enabled by its presence (``None`` disables it). The per-step and per-epoch statistics
+(``gradient``, ``distance``, ``weights``) are on by default; the trajectory probes are off.
+
+Schedules (``every``): ``"epoch"`` runs at step 0 and at each epoch end; an integer N runs at every N-th
+step, step 0 included; ``first_steps: M`` also runs at every step up to M (the papers' zoom).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sgdscope.errors import ConfigError, format_validation_error
+
+Every = Union[Literal["epoch"], int]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, assignments are validated, and NaN or infinite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def check_every(v: Any) -> Any:
+    """``every`` is "epoch" or a positive whole number of steps (0 would never run, -5 is no schedule)."""
+    if v == "epoch" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    raise ValueError("must be 'epoch' or a positive number of steps")
+
+
+class _Probe(Strict):
+    every: Every = "epoch"
+    first_steps: int = Field(0, ge=0)  # zoom: also measure at every step <= first_steps
+
+    _every = field_validator("every", mode="before")(check_every)
+
+
+class GradientProbe(Strict):
+    """Per step (table ``train``): ‖g‖ and cos(g_{t−1}, g_t) of the gradient the update used."""
+
+
+class DistanceProbe(Strict):
+    """Per step (table ``train``): ‖θ_t − θ_0‖."""
+
+
+class WeightsProbe(Strict):
+    """Per epoch end (table ``epoch``): ρ(W), the mean largest singular value of the weight matrices, and ‖θ‖."""
+
+
+class EigenProbe(_Probe):
+    k: int = Field(5, gt=0, le=100)
+    which: Literal["LA", "LM"] = "LA"
+    tol: float = Field(1e-3, gt=0)
+    max_hvps: int = Field(500, gt=0)
+    save_vectors: bool = False
+
+
+class DirectionProbe(_Probe):
+    eigen_indices: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    ks: list[float] = Field(default_factory=lambda: [0, 0.25, -0.25, 0.5, -0.5, 1, -1, 2, -2, 4, -4, 8, -8, 16, -16])
+    n_grads: int = Field(10, gt=0)
+    thresholds: list[float] = Field(default_factory=lambda: [0.01, 0.1])
+
+    @field_validator("eigen_indices")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("must be a non-empty list of 1-based eigen indices")
+        return v
+
+
+class AlphaStepProbe(_Probe):
+    eigen_indices: list[int] = Field(default_factory=lambda: [1])
+    alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1, 2, 4])
+    n_grads: int = Field(10, gt=0)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if not v or any(a <= 0 for a in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be a non-empty, increasing list of positive step multipliers")
+        return v
+
+    @field_validator("eigen_indices")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("must be a non-empty list of 1-based eigen indices")
+        return v
+
+
+class InterpolationProbe(_Probe):
+    every: Every = 1
+    epochs: Optional[list[int]] = Field(default_factory=lambda: [1])  # None: every epoch
+    alphas: Union[int, list[float]] = 10
+    subset: Literal["full", "measure"] = "full"
+    height: Literal["start", "end", "mean"] = "start"
+
+    @field_validator("alphas")
+    @classmethod
+    def _grid(cls, v: Union[int, list[float]]) -> Union[int, list[float]]:
+        if isinstance(v, int):
+            if v < 2:
+                raise ValueError("needs at least 2 points")
+            return v
+        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:])) or v[0] != 0 or v[-1] != 1:
+            raise ValueError("must be a sorted list of at least 2 distinct values from 0 to 1 (the two iterates)")
+        return v
+
+
+class AlignmentProbe(_Probe):
+    """cos(g, e_i) of the minibatch and the full gradient with each tracked eigenvector (no extra keys)."""
+
+
+class ProbesOptions(Strict):
+    """Every probe's options; ``None`` disables a probe."""
+
+    gradient: Optional[GradientProbe] = Field(default_factory=GradientProbe)
+    distance: Optional[DistanceProbe] = Field(default_factory=DistanceProbe)
+    weights: Optional[WeightsProbe] = Field(default_factory=WeightsProbe)
+    eigen: Optional[EigenProbe] = None
+    direction: Optional[DirectionProbe] = None
+    alpha_step: Optional[AlphaStepProbe] = None
+    interpolation: Optional[InterpolationProbe] = None
+    alignment: Optional[AlignmentProbe] = None
+
+
+def probe_options(probes: Union[None, ProbesOptions, Mapping[str, Any]]) -> ProbesOptions:
+    """Validate a ``probes`` mapping (as in a run config) into :class:`ProbesOptions`.
+
+    A bad key or value raises a one-line :class:`~sgdscope.errors.ConfigError` naming it:
+
+    >>> probe_options({"eigen": {"k": 0}})
+    Traceback (most recent call last):
+    ...
+    sgdscope.errors.ConfigError: probes.eigen.k: Input should be greater than 0; got 0
+    """
+    if probes is None:
+        return ProbesOptions()
+    if isinstance(probes, ProbesOptions):
+        return probes
+    if not isinstance(probes, Mapping):
+        raise ConfigError(f"probes: expected a mapping of probe names to options, got {type(probes).__name__}")
+    # `{"eigen": {}}` and `{"eigen": True}` both enable a probe with its defaults
+    raw = {k: ({} if v is True else v) for k, v in probes.items()}
+    try:
+        return ProbesOptions.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix="probes")) from None
