@@ -27,7 +27,7 @@ from sgdscope.errors import ConfigError, RunStoreError
 from sgdscope.store import RunStore, atomic_write_bytes
 # The reader lives in sgdscope.sweepview (the read side imports it without the executor); its names are
 # re-exported here for callers that import them from sgdscope.sweep.
-from sgdscope.sweepview import (  # noqa: F401
+from sgdscope.sweepview import (
     SWEEP_FILE,
     SWEEP_FORMAT,
     Member,
@@ -334,3 +334,7 @@ def run_sweep(config_raw: Mapping[str, Any], grid: Mapping[str, list[Any]], out:
             print(f"sgdscope: run {name} failed: {err}", file=sys.stderr)
         raise SweepFailed(out, failures)
     return out
+
+
+__all__ = ["SWEEP_FILE", "SWEEP_FORMAT", "Member", "SweepFailed", "SweepView", "expand_grid", "is_sweep", "label_for",
+           "open_sweep", "parse_grid", "run_name", "run_sweep", "symbol"]
