@@ -17,6 +17,19 @@ class RunStoreError(SgdscopeError):
     """A run directory is not a run, is another version's run, or does not match the config."""
 
 
+class StoreDamagedError(RunStoreError):
+    """A run directory's ``metrics.db`` is not a whole SQLite database (truncated, zero-length, foreign).
+
+    ``reason`` is what was found, without the advice around it, for ``sgdscope check`` to report.
+    """
+
+    def __init__(self, db: object, reason: str) -> None:
+        from pathlib import Path
+
+        self.db, self.reason = Path(str(db)), reason
+        super().__init__(f"{self.db}: the store is damaged ({reason}); run `sgdscope check {self.db.parent}`")
+
+
 class DivergenceError(Exception):
     """Training produced a non-finite loss or gradient (exit code 1, status 'failed')."""
 

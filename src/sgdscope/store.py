@@ -4,25 +4,39 @@ Layout (DESIGN.md): ``config.yaml``, ``status.json``, ``metrics.db`` (SQLite, WA
 ``checkpoints/``, ``figures/``, ``report.html``. Rows are appended one probe-call at a time in a single
 transaction, so a reader (``report``, ``RunStore.table``) on a run that is still writing sees either all
 of a probe's rows for a step or none of them.
+
+One process writes a run directory at a time: a writer holds an exclusive ``flock`` on ``RUN_DIR/.lock``
+(which names its PID) for as long as it lives, and the kernel drops that lock when the process dies, so a
+lock left by a killed writer is taken over by the next one. A damaged ``metrics.db`` (truncated, zero-length,
+not SQLite) raises a one-line :class:`RunStoreError` pointing at ``sgdscope check DIR``; :meth:`RunStore.check`
+says what is wrong and whether the run can resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 import yaml
 
-from sgdscope.errors import RunStoreError
+from sgdscope.errors import RunStoreError, StoreDamagedError
 
 STORE_FORMAT = 1
 STATES = ("running", "done", "failed", "interrupted")
+LOCK_FILE = ".lock"
+DB_FILE = "metrics.db"
+# Columns that identify one observation, per table: a second row with the same key means a step was
+# committed twice (two writers, or a resume that did not truncate).
+UNIQUE_KEYS = {"train": ("step",), "epoch": ("epoch",), "eigen": ("step", "index")}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -59,6 +73,181 @@ def _clean(v: Any) -> Any:
     return v
 
 
+# ------------------------------------------------------------------------------------------- the lock
+
+
+def _busy(directory: Path) -> RunStoreError:
+    """The error for a directory whose writer lock is held, naming the holder's PID when it has written it."""
+    try:
+        pid = (directory / LOCK_FILE).read_text().strip()
+    except OSError:
+        pid = ""
+    who = f"PID {pid}" if pid.isdigit() else "PID unknown"  # the holder truncates and rewrites it: a race can read ""
+    return RunStoreError(f"{directory}: another sgdscope process ({who}) is writing to it; wait for it or stop it")
+
+
+class _WriterLock:
+    """An exclusive ``flock`` on ``DIRECTORY/.lock`` that holds this process's PID while it is held.
+
+    ``flock`` (not a PID file checked for liveness) because the kernel releases it when the holder dies, even
+    by SIGKILL, so there is never a stale lock to clean up and no PID-reuse race. The file is never
+    removed: unlinking it on release would let a waiter lock the old inode while a newcomer locks a new one.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._file: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op when this object holds it); RunStoreError naming the holder if it is taken."""
+        import fcntl  # POSIX only, imported where it is needed so that reading a store works everywhere
+
+        if self._file is not None:
+            return
+        path = self.directory / LOCK_FILE
+        try:
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
+        except OSError as err:
+            raise RunStoreError(f"{self.directory}: cannot take the writer lock {path} ({err.strerror})") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise _busy(self.directory) from None
+        except BaseException:
+            f.close()
+            raise
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n".encode())
+        self._file = f
+
+    def release(self) -> None:
+        """Drop the lock (a no-op when not held). The PID is erased first, so the file never names a process
+        that no longer writes."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.truncate(0)
+        finally:
+            f.close()  # closing the descriptor is what drops the flock
+
+    @staticmethod
+    def holder(directory: str | Path) -> int | None:
+        """The PID of the process that holds the lock of ``directory`` now, or None (probed with a shared
+        lock on a read-only descriptor, so probing writes nothing)."""
+        import fcntl
+
+        path = Path(directory) / LOCK_FILE
+        try:
+            f = open(path, "rb")
+        except OSError:
+            return None
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return None
+
+
+@contextlib.contextmanager
+def writer_lock(directory: str | Path) -> Iterator[Path]:
+    """Hold the one-writer lock of ``directory`` (a sweep directory, say) for the ``with`` block.
+
+    The directory is made if absent. A second holder, in this process or another, gets
+    ``RunStoreError("DIR: another sgdscope process (PID n) is writing to it; wait for it or stop it")``.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = _WriterLock(d)
+    lock.acquire()
+    try:
+        yield d
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------------- damage
+
+# SQLite's primary result codes for a file that is not (or no longer) a database, and the short read of
+# a truncated one; a busy or locked database is an OperationalError with other codes and is not damage.
+_DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_SHORT_READ = 522  # SQLITE_IOERR_SHORT_READ
+
+
+def _damage_reason(err: BaseException) -> str | None:
+    """What SQLite said, if ``err`` (or an error it wraps, as pandas does) says the file is damaged."""
+    while err is not None:
+        code = getattr(err, "sqlite_errorcode", None)
+        if isinstance(err, sqlite3.DatabaseError) and code is not None and (code & 0xFF in _DAMAGE_CODES
+                                                                           or code == _SHORT_READ):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _header_problem(db: Path) -> str | None:
+    """Why the bytes of ``db`` cannot be a whole SQLite database, or None if they may be.
+
+    Checked before SQLite opens the file, because SQLite takes a zero-length file for an empty database
+    (and would silently turn it into one), and reads a truncated one without complaint until it reaches a
+    missing page.
+    """
+    try:
+        size = db.stat().st_size
+        with open(db, "rb") as f:
+            head = f.read(100)
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    if size == 0:
+        return "zero-length file"
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return "not an SQLite database"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    header_valid = head[24:28] == head[92:96]  # SQLite's rule for trusting the in-header page count
+    wal = db.with_name(db.name + "-wal")
+    # with a live WAL, pages can be in the log and not yet in the file, so only SQLite can judge the size
+    if header_valid and pages and not (wal.is_file() and wal.stat().st_size) and size < page * pages:
+        return f"truncated: {size} bytes, the header says {page * pages}"
+    return None
+
+
+@dataclass
+class CheckReport:
+    """What :meth:`RunStore.check` found. ``healthy`` is False when SQLite's integrity check or one of the
+    store's own invariants failed; ``can_resume`` says whether ``sgdscope run ... --resume`` would continue."""
+
+    path: Path
+    state: str
+    integrity: str = "ok"  # "ok", or what SQLite (or the header check) found
+    problems: list[str] = field(default_factory=list)  # broken invariants, one line each
+    notes: list[str] = field(default_factory=list)  # facts that are fine: row counts, the checkpoint's step
+    can_resume: bool = False
+    resume: str = ""  # why it can or cannot resume
+
+    @property
+    def healthy(self) -> bool:
+        return self.integrity == "ok" and not self.problems
+
+    def lines(self) -> list[str]:
+        """The findings as lines for a terminal."""
+        out = [f"run: {self.path}", f"  state: {self.state}", f"  sqlite integrity: {self.integrity}"]
+        out += [f"  {n}" for n in self.notes]
+        out += [f"  PROBLEM: {p}" for p in self.problems]
+        out.append(f"  resume: {'yes' if self.can_resume else 'no'} ({self.resume})")
+        out.append(f"  verdict: {'healthy' if self.healthy else 'damaged'}")
+        return out
+
+
 class RunStore:
     """A run directory. ``RunStore(path)`` opens an existing run; :meth:`create` makes a new one.
 
@@ -83,16 +272,23 @@ class RunStore:
                 )
         self._db: sqlite3.Connection | None = None
         self._columns: dict[str, set[str]] = {}
+        self._lock = _WriterLock(self.path)
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, path: str | Path, config: Mapping[str, Any]) -> "RunStore":
-        """Make a new run directory holding ``config`` (already resolved) and a ``running`` status."""
+    def create(cls, path: str | Path, config: Mapping[str, Any], *, writer: bool = False) -> "RunStore":
+        """Make a new run directory holding ``config`` (already resolved) and a ``running`` status.
+
+        With ``writer=True`` the writer lock is taken before anything is written, so of two processes
+        creating the same directory at once, one fails before it touches the other's config.
+        """
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
+        store = cls(p, _new=True)
+        if writer:
+            store.acquire_writer()
         for sub in ("tensors", "checkpoints", "figures"):
             (p / sub).mkdir(exist_ok=True)
-        store = cls(p, _new=True)
         store.write_config(config)
         store.set_status("running", step=0, epoch=0)
         return store
@@ -121,24 +317,64 @@ class RunStore:
             old.pop("error", None)
         atomic_write_bytes(self.path / "status.json", json.dumps(old, indent=1).encode())
 
+    # ------------------------------------------------------------------------------------------- writer
+    def acquire_writer(self) -> None:
+        """Become the one writer of this directory until :meth:`release_writer` or :meth:`close` (or the
+        process's death, however it dies; or this object's, which closes the lock file). Idempotent. Raises
+        RunStoreError naming the PID of the process that holds it."""
+        self._lock.acquire()
+
+    def release_writer(self) -> None:
+        """Let another process write this directory (a no-op when this store is not its writer)."""
+        self._lock.release()
+
+    def writer_pid(self) -> int | None:
+        """The PID of the process writing this directory now (-1 if it has not said yet), or None."""
+        return os.getpid() if self._lock.held else _WriterLock.holder(self.path)
+
     # --------------------------------------------------------------------------------------------- rows
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn SQLite's "not a database" and "malformed" errors into a one-line RunStoreError."""
+        try:
+            yield
+        except RunStoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - pandas wraps sqlite3's error in its own class
+            reason = _damage_reason(err)
+            if reason is None:
+                raise
+            raise StoreDamagedError(self.path / DB_FILE, reason) from None
+
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.path / "metrics.db", timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            path = self.path / DB_FILE
+            problem = _header_problem(path) if path.exists() else None
+            if problem is not None:
+                raise StoreDamagedError(path, problem)
+            with self._guard():
+                db = sqlite3.connect(path, timeout=30, isolation_level=None)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                except BaseException:
+                    db.close()
+                    raise
+            self._db = db
         return self._db
 
     def close(self) -> None:
+        """Close the database and give up the writer lock, if held."""
         if self._db is not None:
             self._db.close()
             self._db = None
+        self.release_writer()
 
     def _ensure(self, table: str, rows: list[dict[str, Any]]) -> None:
         cols = self._columns.get(table)
         if cols is None:
-            cols = {r[1] for r in self.db.execute(f'PRAGMA table_info("{table}")')}
+            cols = self._column_names(table)
             if not cols:
                 first = {}
                 for r in rows:
@@ -161,19 +397,21 @@ class RunStore:
         tables = {t: rows for t, rows in tables.items() if rows}
         if not tables:
             return
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for table, rows in tables.items():
-                self._ensure(table, rows)
-                keys = sorted({k for r in rows for k in r})
-                sql = f'INSERT INTO "{table}" ({", ".join(chr(34) + k + chr(34) for k in keys)}) VALUES ({", ".join("?" * len(keys))})'
-                db.executemany(sql, [tuple(r.get(k) for k in keys) for r in rows])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            self._columns.clear()
-            raise
+        with self._guard():
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for table, rows in tables.items():
+                    self._ensure(table, rows)
+                    keys = sorted({k for r in rows for k in r})
+                    sql = f'INSERT INTO "{table}" ({", ".join(chr(34) + k + chr(34) for k in keys)}) VALUES ({", ".join("?" * len(keys))})'
+                    db.executemany(sql, [tuple(r.get(k) for k in keys) for r in rows])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may have rolled back itself (a corrupt page): do not mask the error
+                    db.execute("ROLLBACK")
+                self._columns.clear()
+                raise
 
     def append(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append ``rows`` (dicts of column -> value) to ``table`` in one transaction."""
@@ -184,28 +422,127 @@ class RunStore:
 
         A resumed run recomputes those rows deterministically, so none is lost or duplicated.
         """
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-                if "logged_at" in {r[1] for r in db.execute(f'PRAGMA table_info("{name}")')}:
-                    db.execute(f'DELETE FROM "{name}" WHERE logged_at > ?', (step,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._guard():
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for name in self._table_names():
+                    if "logged_at" in self._column_names(name):
+                        db.execute(f'DELETE FROM "{name}" WHERE logged_at > ?', (step,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _table_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+
+    def _column_names(self, table: str) -> set[str]:
+        return {r[1] for r in self.db.execute(f'PRAGMA table_info("{table}")')}
 
     def tables(self) -> list[str]:
         """Names of the tables that hold rows."""
-        if not (self.path / "metrics.db").is_file():
+        if not (self.path / DB_FILE).is_file():
             return []
-        return [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        with self._guard():
+            return self._table_names()
 
     def table(self, name: str) -> pd.DataFrame:
         """All rows of table ``name`` as a DataFrame (empty if the table has no rows yet)."""
         if name not in self.tables():
             return pd.DataFrame()
-        return pd.read_sql_query(f'SELECT * FROM "{name}" ORDER BY rowid', self.db)
+        with self._guard():
+            return pd.read_sql_query(f'SELECT * FROM "{name}" ORDER BY rowid', self.db)
+
+    # -------------------------------------------------------------------------------------------- check
+    def check(self) -> CheckReport:
+        """Check the store without changing its data: SQLite's integrity check, then the store's invariants (no
+        step committed twice, no row past the end of a finished run, ``status.json`` agreeing with
+        ``checkpoints/last.pt``), and whether the run can resume."""
+        status = self.status()
+        state, step = status.get("state", "?"), status.get("step")
+        rep = CheckReport(self.path, state)
+        db = self.path / DB_FILE
+        if not db.is_file():
+            rep.notes.append(f"{DB_FILE}: absent (no rows written yet)")
+        else:
+            try:
+                with self._guard():
+                    rep.integrity = "; ".join(r[0] for r in self.db.execute("PRAGMA integrity_check(5)"))
+                    if rep.integrity == "ok":
+                        self._check_rows(rep, state, step)
+            except StoreDamagedError as err:
+                rep.integrity = err.reason
+        ckpt_step = self._check_checkpoint(rep, state, step)
+        pid = self.writer_pid()
+        if not rep.healthy:
+            rep.resume = "the store is damaged; resuming would build on it"
+        elif pid is not None and not self._lock.held:
+            rep.resume = f"PID {pid} is writing to it now"
+        elif state == "done":
+            rep.resume = "the run is done"
+        elif state in ("running", "interrupted", "failed"):
+            rep.can_resume = True
+            rep.resume = "`sgdscope run CONFIG --out DIR --resume` continues " + (
+                f"from the checkpoint at step {ckpt_step}" if ckpt_step is not None else "from step 0 (no checkpoint)")
+        else:
+            rep.resume = f"unknown state {state!r}"
+        return rep
+
+    def _check_rows(self, rep: CheckReport, state: str, step: Any) -> None:
+        names = self._table_names()
+        counts = {t: self.db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in names}
+        rep.notes.append("rows: " + (", ".join(f"{t} {n}" for t, n in counts.items()) or "none"))
+        for table, key in UNIQUE_KEYS.items():
+            if table not in names or not set(key) <= self._column_names(table):
+                continue
+            cols = ", ".join(f'"{k}"' for k in key)
+            dup = self.db.execute(f'SELECT {cols}, COUNT(*) FROM "{table}" GROUP BY {cols} HAVING COUNT(*) > 1 '
+                                  f"ORDER BY {cols}").fetchall()
+            if dup:
+                first = ", ".join(f"{k}={v}" for k, v in zip(key, dup[0]))
+                rep.problems.append(f"{table}: {len(dup)} {'/'.join(key)} value(s) appear more than once "
+                                    f"(first: {first}, {dup[0][-1]} rows); two writers, or a resume that kept old rows")
+        if state == "done" and isinstance(step, int):
+            for table in names:
+                if "logged_at" not in self._column_names(table):
+                    continue
+                n = self.db.execute(f'SELECT COUNT(*) FROM "{table}" WHERE logged_at > ?', (step,)).fetchone()[0]
+                if n:
+                    rep.problems.append(f"{table}: {n} row(s) logged after step {step}, where the finished run ends")
+
+    def _check_checkpoint(self, rep: CheckReport, state: str, step: Any) -> int | None:
+        """Compare ``checkpoints/last.pt`` with the status and the rows; its step, or None without one."""
+        path = self.path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            return None
+        import torch  # only here: checking rows alone needs no torch
+
+        try:
+            with warnings.catch_warnings():  # torch's advice on foreign pickles is not ours to print
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
+        except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed from
+            first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+            rep.problems.append(f"checkpoints/last.pt: unreadable with weights_only=True ({first[:200]})")
+            return None
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("step"), int):
+            rep.problems.append("checkpoints/last.pt: not a sgdscope run checkpoint (no integer 'step')")
+            return None
+        ckpt_step = ckpt["step"]
+        rep.notes.append(f"checkpoints/last.pt: step {ckpt_step}")
+        if state == "done" and step != ckpt_step:
+            rep.problems.append(f"status.json says the run finished at step {step}, checkpoints/last.pt is at step "
+                                f"{ckpt_step}")
+        elif state in ("interrupted", "failed") and isinstance(step, int) and ckpt_step > step:
+            rep.problems.append(f"checkpoints/last.pt is at step {ckpt_step}, past status.json's step {step}")
+        if rep.integrity == "ok" and "train" in self.tables() and "step" in self._column_names("train"):
+            last = self.db.execute('SELECT MAX(step) FROM "train"').fetchone()[0]
+            if last is not None and ckpt_step > last:
+                rep.problems.append(f"checkpoints/last.pt is at step {ckpt_step}, but the train table ends at step "
+                                    f"{last}: the rows between would be missing after a resume")
+        return ckpt_step
 
     # ------------------------------------------------------------------------------------------ tensors
     def save_tensors(self, name: str, tensors: Mapping[str, Any]) -> Path:
