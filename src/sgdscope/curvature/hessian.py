@@ -1,7 +1,8 @@
 """The Hessian of the mean training loss as a linear operator on flat parameter vectors.
 
-For a batch list ``[(x_1, y_1), ..., (x_B, y_B)]`` with ``n_b = n_targets(y_b)`` examples each, the loss is
-the exact example mean (plus the explicit L2 term when asked)
+For a batch list ``[(x_1, y_1), ..., (x_B, y_B)]`` with ``n_b = n_targets(y_b, ignore_index)`` real targets
+each (inputs ``x_b`` of any form of :mod:`sgdscope.losses`), the loss is the exact mean over real targets
+(plus the explicit L2 term when asked)
 
     L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b  +  λ Σ_i θ_i²,
 
@@ -15,8 +16,10 @@ Two exact ways to get a Hessian-vector product (HVP) are offered:
 
 Every product runs inside :func:`sgdscope.policy.measurement_mode`, and the BatchNorm buffers the forward
 passes see are private copies, so no product ever writes the model's running statistics (under any
-policy); under ``"train-restore"`` the dropout masks are also the same for every product, which makes the
-operator a fixed symmetric matrix.
+policy). Each forward pass on batch b runs under ``fixed_masks(mask_seed, b)``: both methods, single
+products, blocks and :meth:`HessianOperator.gradient` see one set of dropout masks per batch, so the
+operator is one fixed symmetric matrix (the Hessian of the loss with those masks frozen), whatever the
+method, and training's random streams are untouched.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from sgdscope.curvature.flat import ParamFilter, flatten, named_trainable, unflatten
-from sgdscope.losses import Batch, LossFn, n_targets
-from sgdscope.policy import check_policy, measurement_mode
+from sgdscope.losses import Batch, Inputs, LossFn, functional_forward, weigh
+from sgdscope.policy import check_policy, fixed_masks, measurement_mode
 
 HVP_METHODS = ("jvp", "double-backward")
 # "auto": double backward. bench/results/curvature.json ("costs", CPU seconds on 2 cores): one HVP costs
@@ -43,12 +46,16 @@ class HessianOperator:
     """Hessian of the exactly weighted mean loss over ``batches``, restricted to the parameters that pass
     ``param_filter`` (frozen parameters are never included).
 
-    ``H = Σ_b n_b ∇²L_b / Σ_b n_b + 2λI`` with ``λ = weight_decay`` when ``include_l2``. Parameters that the
-    forward pass never uses get zero rows and columns. The parameters are read from the model at every
-    product, so the operator follows the model if it is changed in place.
+    ``H = Σ_b n_b ∇²L_b / Σ_b n_b + 2λI`` with ``λ = weight_decay`` when ``include_l2`` and n_b the targets
+    of batch b that differ from ``ignore_index`` (all of them when None); a batch without any real target
+    has weight 0 and is skipped. Parameters that the forward pass never uses get zero rows and columns.
+    The parameters are read from the model at every product, so the operator follows the model if it is
+    changed in place.
 
     ``bn_policy`` ("eval", "train-restore", "train") is applied around every product; none of them lets a
-    product write the BatchNorm running statistics (under "train" only the dropout stream advances).
+    product write the BatchNorm running statistics or move a global RNG. Where dropout is active, batch b
+    uses the masks of ``fixed_masks(mask_seed, b)`` in every product and in the gradient (``None``: the
+    default seed), so the operator is a deterministic function of the parameters.
     ``method``: "jvp", "double-backward", or "auto" (the faster on CPU, see ``AUTO_METHOD``). Blocks are
     applied ``max_block`` vectors at a time to bound memory.
 
@@ -83,14 +90,16 @@ class HessianOperator:
         param_filter: ParamFilter = None,
         method: str = "auto",
         max_block: int = 16,
+        *,
+        ignore_index: int | None = None,
+        mask_seed: int | None = None,
     ) -> None:
         check_policy(bn_policy)
         self.batches = list(batches)
-        if not self.batches:
-            raise ValueError("HessianOperator: the batch list is empty; pass at least one (inputs, targets) pair")
-        counts = [n_targets(y) for _, y in self.batches]
-        if min(counts) == 0:
-            raise ValueError(f"HessianOperator: batch {counts.index(0)} holds no examples")
+        try:
+            weighted, total = weigh(self.batches, ignore_index)
+        except ValueError as e:
+            raise ValueError(f"HessianOperator: {e}") from None
         if method not in ("auto",) + HVP_METHODS:
             raise ValueError(f"HessianOperator: method {method!r} is not one of auto, {', '.join(HVP_METHODS)}")
         if max_block < 1:
@@ -98,11 +107,12 @@ class HessianOperator:
         named = named_trainable(model, param_filter)
         if not named:
             raise ValueError("HessianOperator: no trainable parameter passes param_filter")
-        total = sum(counts)
         self.model, self.loss_fn, self.bn_policy = model, loss_fn, bn_policy
+        self.ignore_index, self.mask_seed = ignore_index, mask_seed
         self.method = AUTO_METHOD if method == "auto" else method
         self.max_block = max_block
-        self._scales = [c / total for c in counts]
+        # (mask stream, batch, n_b / N) for the batches that carry weight
+        self._terms = [(w.index, (w.x, w.y), w.n / total) for w in weighted]
         self._names = [n for n, _ in named]
         self._l2 = 2.0 * weight_decay if include_l2 else 0.0
         self.n_params = sum(p.numel() for _, p in named)
@@ -115,13 +125,13 @@ class HessianOperator:
         live = dict(self.model.named_parameters())
         return {n: live[n].detach() for n in self._names}
 
-    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor, scale: float) -> Tensor:
+    def _loss(self, params: dict[str, Tensor], x: Inputs, y: Tensor, scale: float) -> Tensor:
         # Unmeasured parameters enter as constants; buffers are cloned inside the (possibly transformed)
         # function because torch.func forbids in-place writes to captured tensors and the model's running
         # statistics must not move.
         others = {n: p.detach() for n, p in self.model.named_parameters() if n not in params}
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        out = functional_call(self.model, {**others, **buffers, **params}, (x,))
+        out = functional_forward(self.model, {**others, **buffers, **params}, x)
         return scale * self.loss_fn(out, y)
 
     # -- products -----------------------------------------------------------------------------------
@@ -132,7 +142,8 @@ class HessianOperator:
         def one(t: dict[str, Tensor]) -> dict[str, Tensor]:
             return jvp(g, (params,), (t,))[1]
 
-        # randomness="same": one dropout mask for the whole block, as for a single product.
+        # randomness="same": the block draws the masks of one product, from the seed fixed_masks set, so a
+        # block row equals the single product with the same vector.
         return vmap(one, randomness="same")(tangents) if block else one(tangents)
 
     def _hvp_double_backward(
@@ -168,8 +179,9 @@ class HessianOperator:
         hvp = self._hvp_jvp if self.method == "jvp" else self._hvp_double_backward
         out = self._l2 * V
         with measurement_mode(self.model, self.bn_policy), torch.no_grad():
-            for batch, scale in zip(self.batches, self._scales):
-                hv = hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
+            for b, batch, scale in self._terms:
+                with fixed_masks(self.mask_seed, b, self.device):
+                    hv = hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
                 out += flatten((hv[n] for n in self._names), batch_dims=V.ndim - 1)
         self.n_hvps += V.shape[0] if block else 1
         return out
@@ -194,12 +206,14 @@ class HessianOperator:
         return self.matmat(torch.eye(self.n_params, device=self.device, dtype=self.dtype))
 
     def gradient(self) -> Tensor:
-        """∇L(θ) = Σ_b n_b ∇L_b / Σ_b n_b (+ 2λθ with the L2 term), as a flat vector; no HVP is counted."""
+        """∇L(θ) = Σ_b n_b ∇L_b / Σ_b n_b (+ 2λθ with the L2 term), as a flat vector, with the dropout masks
+        of the products; no HVP is counted."""
         params = self._params()
         out = self._l2 * flatten(params.values())
         with measurement_mode(self.model, self.bn_policy), torch.no_grad():
-            for batch, scale in zip(self.batches, self._scales):
-                g = grad(lambda p: self._loss(p, *batch, scale))(params)
+            for b, batch, scale in self._terms:
+                with fixed_masks(self.mask_seed, b, self.device):
+                    g = grad(lambda p: self._loss(p, *batch, scale))(params)
                 out += flatten(g[n] for n in self._names)
         return out
 

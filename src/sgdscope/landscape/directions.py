@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from sgdscope.curvature.flat import flatten, get_flat, named_trainable
 from sgdscope.errors import ConfigError
 from sgdscope.landscape.interpolate import loss_along
-from sgdscope.losses import Batch, LossFn, cross_entropy, l2_penalty
-from sgdscope.policy import measurement_mode, rng_preserved
+from sgdscope.losses import Batch, Inputs, LossFn, cross_entropy, forward, l2_penalty, n_targets, take
+from sgdscope.policy import fixed_masks, measurement_mode
 
 
 def random_direction(model: nn.Module, generator: torch.Generator) -> Tensor:
@@ -38,28 +38,40 @@ def random_direction(model: nn.Module, generator: torch.Generator) -> Tensor:
 def minibatch_grads(
     model: nn.Module,
     loss_fn: LossFn,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     batch_size: int,
     n: int,
     generator: torch.Generator,
     bn_policy: str = "train-restore",
     weight_decay: float = 0.0,
+    *,
+    ignore_index: int | None = None,
+    mask_seed: int | None = None,
 ) -> Tensor:
     """Flat gradients ∇[L_B(θ) + λ‖θ‖²] of ``n`` random minibatches B of ``batch_size`` examples: ``(n, n_params)``.
 
-    Each minibatch is drawn without replacement from ``(x, y)`` with ``generator`` (on its device). The global
-    RNG states are saved and restored, ``.grad`` of the parameters is not touched, and BN follows
-    ``bn_policy`` (its running statistics restored unless the policy is ``"train"``).
+    Each minibatch is drawn without replacement from the examples of ``(x, y)`` (``x`` of any input form:
+    every tensor in it is indexed along dim 0) with ``generator`` (on its device). Minibatch j runs under
+    ``fixed_masks(mask_seed, j)``: its dropout masks are a function of (mask_seed, j) alone, so the
+    gradients are a deterministic function of θ and the two generators' seeds. The global RNG states are
+    saved and restored, ``.grad`` of the parameters is not touched, and BN follows ``bn_policy`` (its
+    running statistics restored unless the policy is ``"train"``).
+
+    The mean loss of a minibatch is ``loss_fn``'s own (over its real targets); ``ignore_index`` only serves
+    to refuse a minibatch without any real target, whose mean loss, and so gradient, is undefined.
     """
-    if not 0 < batch_size <= len(x):
-        raise ConfigError(f"minibatch_grads: batch_size {batch_size} must be in 1..{len(x)}")
+    if not 0 < batch_size <= len(y):
+        raise ConfigError(f"minibatch_grads: batch_size {batch_size} must be in 1..{len(y)}")
     params = [p for _, p in named_trainable(model)]
     out = []
-    with rng_preserved(), measurement_mode(model, bn_policy):
-        for _ in range(n):
-            idx = torch.randperm(len(x), generator=generator, device=generator.device)[:batch_size].to(x.device)
-            loss = loss_fn(model(x[idx]), y[idx]) + l2_penalty(params, weight_decay)
+    with measurement_mode(model, bn_policy):
+        for j in range(n):
+            idx = torch.randperm(len(y), generator=generator, device=generator.device)[:batch_size].to(y.device)
+            if n_targets(y[idx], ignore_index) == 0:
+                raise ValueError(f"minibatch_grads: minibatch {j} holds only ignore_index={ignore_index} targets")
+            with fixed_masks(mask_seed, j, y.device):
+                loss = loss_fn(forward(model, take(x, idx)), y[idx]) + l2_penalty(params, weight_decay)
             out.append(flatten(torch.autograd.grad(loss, params)))
     return torch.stack(out)
 
@@ -114,6 +126,9 @@ def alpha_step_changes(
     bn_policy: str = "train-restore",
     weight_decay: float = 0.0,
     method: str = "auto",
+    *,
+    ignore_index: int | None = None,
+    mask_seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """For each α: the loss change of a step of α·η along e alone, averaged over the minibatch gradients.
 
@@ -122,11 +137,16 @@ def alpha_step_changes(
         change_α = (1/m)·Σ_j L(θ − α·η·⟨g_j, e⟩·e) − L(θ),   relative_α = change_α / L(θ)
 
     (a fraction; the paper prints 100·relative %). θ is the model's current parameters, which are left
-    untouched; the loss is evaluated on ``batches`` as in :func:`~sgdscope.landscape.interpolate.loss_along`.
+    untouched; the loss is evaluated on ``batches`` as in :func:`~sgdscope.landscape.interpolate.loss_along`,
+    L(θ) and every shifted point with the same dropout masks (``mask_seed``), so a change is the loss's own
+    and not a difference of masks.
     """
     theta = get_flat(model)
     proj = grads @ e
-    args = (batches, loss_fn, bn_policy, weight_decay, method)
-    l0 = loss_along(model, theta, e, [0.0], *args)[0]
-    change = torch.stack([loss_along(model, theta, e, -a * lr * proj, *args).mean() for a in alphas]) - l0
+    kw = dict(
+        loss_fn=loss_fn, bn_policy=bn_policy, weight_decay=weight_decay, method=method,
+        ignore_index=ignore_index, mask_seed=mask_seed,
+    )
+    l0 = loss_along(model, theta, e, [0.0], batches, **kw)[0]
+    change = torch.stack([loss_along(model, theta, e, -a * lr * proj, batches, **kw).mean() for a in alphas]) - l0
     return change, change / l0

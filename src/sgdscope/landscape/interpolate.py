@@ -8,7 +8,11 @@ at a stack of flat parameter vectors θ_1..θ_P (rows of a ``(P, n_params)`` ten
 :func:`~sgdscope.curvature.flat.named_trainable` order). :func:`interpolate` and :func:`loss_along` only
 build the stack.
 
-Two evaluation methods give the same numbers up to float rounding:
+Every point's forward pass on data batch b runs under :func:`sgdscope.policy.fixed_masks` with the
+measurement's ``mask_seed`` and b (common random numbers), so where dropout is active all the points of
+one call share one set of masks per batch and the loss is a smooth function along the path.
+
+Two evaluation methods give the same numbers up to float rounding (with the same masks):
 
 * ``"loop"``: write each θ_p into the model and run it; the model's parameters are restored bit for bit.
 * ``"vmap"``: ``torch.func.functional_call`` under ``torch.func.vmap`` over the stacked parameters, so all
@@ -26,16 +30,16 @@ fewer, larger kernels should win; that has not been measured here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from sgdscope.curvature.flat import get_flat, named_trainable, set_flat, unflatten
 from sgdscope.errors import ConfigError
-from sgdscope.losses import Batch, LossFn, cross_entropy, l2_penalty, n_targets
-from sgdscope.policy import check_policy, measurement_mode, norm_buffers
+from sgdscope.losses import Batch, LossFn, Weighted, cross_entropy, forward, functional_forward, l2_penalty, weigh
+from sgdscope.policy import check_policy, fixed_masks, measurement_mode, norm_buffers
 
 METHODS = ("auto", "vmap", "loop")
 
@@ -49,27 +53,44 @@ def _resolve_method(model: nn.Module, bn_policy: str, method: str) -> str:
     return "loop" if method == "auto" else method
 
 
-def _weighted_mean(per_batch: list[tuple[Tensor, int]]) -> Tensor:
-    total = sum(n for _, n in per_batch)
-    if total == 0:
-        raise ValueError("no examples: the batch list is empty")
-    return sum(loss * n for loss, n in per_batch) / total
+def _weighted_mean(
+    batches: list[Weighted],
+    total: int,
+    mask_seed: int | None,
+    device: torch.device,
+    loss_of: Callable[[Weighted], Tensor],
+) -> Tensor:
+    """Σ_b n_b·loss_of(b) / N, each batch's forward pass under its own fixed dropout masks."""
+    per_batch = []
+    for w in batches:
+        with fixed_masks(mask_seed, w.index, device):
+            per_batch.append(loss_of(w) * w.n)
+    return sum(per_batch) / total
 
 
-def _losses_loop(model: nn.Module, points: Tensor, batches: Sequence[Batch], loss_fn: LossFn) -> Tensor:
+def _losses_loop(
+    model: nn.Module, points: Tensor, batches: list[Weighted], total: int, loss_fn: LossFn, mask_seed: int | None
+) -> Tensor:
     saved = get_flat(model)
     try:
         out = []
         for theta in points:
             set_flat(model, theta)
-            out.append(_weighted_mean([(loss_fn(model(x), y), n_targets(y)) for x, y in batches]))
+            loss = _weighted_mean(batches, total, mask_seed, points.device, lambda w: loss_fn(forward(model, w.x), w.y))
+            out.append(loss)
         return torch.stack(out)
     finally:
         set_flat(model, saved)
 
 
 def _losses_vmap(
-    model: nn.Module, points: Tensor, batches: Sequence[Batch], loss_fn: LossFn, chunk_size: int | None
+    model: nn.Module,
+    points: Tensor,
+    batches: list[Weighted],
+    total: int,
+    loss_fn: LossFn,
+    mask_seed: int | None,
+    chunk_size: int | None,
 ) -> Tensor:
     trainable = named_trainable(model)
     names = [n for n, _ in trainable]
@@ -78,14 +99,21 @@ def _losses_vmap(
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in trainable_names}
     norm = norm_buffers(model)
     shared = {n: b for n, b in model.named_buffers() if n not in norm}
-    per_point = {n: b.detach().expand(len(points), *b.shape).clone() for n, b in model.named_buffers() if n in norm}
 
-    def one(theta: Tensor, bufs: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def one(theta: Tensor, bufs: dict[str, Tensor], x, y: Tensor) -> Tensor:
         params = dict(zip(names, unflatten(theta, like)))
-        return loss_fn(functional_call(model, (params, frozen, shared, bufs), (x,)), y)
+        return loss_fn(functional_forward(model, (params, frozen, shared, bufs), x), y)
 
-    batched = vmap(one, in_dims=(0, 0, None, None), randomness="different", chunk_size=chunk_size)
-    return _weighted_mean([(batched(points, per_point, x, y), n_targets(y)) for x, y in batches])
+    # randomness="same": every point draws the masks that the seeded RNG gives one plain forward pass, so
+    # the points share them (and match the loop). The chunks are formed here rather than by vmap's
+    # chunk_size so that each chunk's pass is seeded afresh by fixed_masks.
+    batched = vmap(one, in_dims=(0, 0, None, None), randomness="same")
+    out = []
+    for chunk in points.split(chunk_size or len(points)):
+        per_point = {n: b.detach().expand(len(chunk), *b.shape).clone() for n, b in model.named_buffers() if n in norm}
+        loss = _weighted_mean(batches, total, mask_seed, points.device, lambda w: batched(chunk, per_point, w.x, w.y))
+        out.append(loss)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -98,12 +126,19 @@ def loss_at_points(
     weight_decay: float = 0.0,
     method: str = "auto",
     chunk_size: int | None = None,
+    *,
+    ignore_index: int | None = None,
+    mask_seed: int | None = None,
 ) -> Tensor:
     """The mean loss at each row θ_p of ``points`` (shape ``(P, n_params)``): a tensor of shape ``(P,)``.
 
-    L(θ_p) = Σ_b n_b·L_b(θ_p) / Σ_b n_b + λ‖θ_p‖², with n_b the targets in batch b and λ = ``weight_decay``.
+    L(θ_p) = Σ_b n_b·L_b(θ_p) / Σ_b n_b + λ‖θ_p‖², with n_b the targets in batch b that differ from
+    ``ignore_index`` (all of them when None; a batch without any is skipped) and λ = ``weight_decay``.
     BN and dropout follow ``bn_policy`` (see :func:`sgdscope.policy.measurement_mode`); the model's
-    parameters and, except under ``"train"``, its buffers and the global RNG are left exactly as found.
+    parameters, the global RNG states and, except under ``"train"``, its buffers are left exactly as found.
+    Common random numbers: every point's forward pass on batch b runs under ``fixed_masks(mask_seed, b)``,
+    so all the points see the same dropout masks and L(θ_p) is a smooth, deterministic function of θ_p
+    (``mask_seed=None``: the default seed).
     ``method`` is ``"loop"``, ``"vmap"`` or ``"auto"`` (module docstring); ``chunk_size`` bounds how many
     points vmap evaluates at once (memory), None meaning all.
 
@@ -117,11 +152,12 @@ def loss_at_points(
     method = _resolve_method(model, bn_policy, method)
     if points.dim() != 2:
         raise ValueError(f"points must be a (P, n_params) stack, got shape {tuple(points.shape)}")
+    weighted, total = weigh(batches, ignore_index)
     with measurement_mode(model, bn_policy):
         if method == "loop":
-            losses = _losses_loop(model, points, batches, loss_fn)
+            losses = _losses_loop(model, points, weighted, total, loss_fn, mask_seed)
         else:
-            losses = _losses_vmap(model, points, batches, loss_fn, chunk_size)
+            losses = _losses_vmap(model, points, weighted, total, loss_fn, mask_seed, chunk_size)
     if weight_decay > 0:
         losses = losses + torch.stack([l2_penalty([theta], weight_decay) for theta in points])
     return losses
@@ -142,12 +178,16 @@ def interpolate(
     weight_decay: float = 0.0,
     method: str = "auto",
     chunk_size: int | None = None,
+    *,
+    ignore_index: int | None = None,
+    mask_seed: int | None = None,
 ) -> Tensor:
     """L((1−α)·θa + α·θb) for each α in ``alphas`` (Xing et al.'s interpolation between iterates).
 
     The point is formed as ``(1−α)θa + αθb`` rather than ``θa + α(θb−θa)`` so that α = 0 and α = 1 give θa
-    and θb exactly, and the end points equal plain evaluations of L(θa) and L(θb). Other arguments as in
-    :func:`loss_at_points`.
+    and θb exactly, and the end points equal plain evaluations of L(θa) and L(θb). All points share the
+    dropout masks of ``mask_seed``, so identical end points give a flat curve and the curve from θb to θa is
+    this one reversed. Other arguments as in :func:`loss_at_points`.
 
     >>> m = nn.Linear(1, 1, bias=False)
     >>> batches = [(torch.ones(2, 1), torch.zeros(2, 1))]
@@ -157,7 +197,8 @@ def interpolate(
     """
     a = _as_grid(alphas, theta_a)
     return loss_at_points(
-        model, (1 - a) * theta_a + a * theta_b, batches, loss_fn, bn_policy, weight_decay, method, chunk_size
+        model, (1 - a) * theta_a + a * theta_b, batches, loss_fn, bn_policy, weight_decay, method, chunk_size,
+        ignore_index=ignore_index, mask_seed=mask_seed,
     )
 
 
@@ -172,11 +213,15 @@ def loss_along(
     weight_decay: float = 0.0,
     method: str = "auto",
     chunk_size: int | None = None,
+    *,
+    ignore_index: int | None = None,
+    mask_seed: int | None = None,
 ) -> Tensor:
     """L(θ + k·d) for each k in ``ks``: a cross-section of the loss along ``direction`` d.
 
     Jastrzebski et al. take d = Δθ̄_i·e_i (the typical SGD step along the i-th eigenvector, see
-    :func:`~sgdscope.landscape.directions.typical_step`), so k counts typical steps. Other arguments as in
+    :func:`~sgdscope.landscape.directions.typical_step`), so k counts typical steps. All points share the
+    dropout masks of ``mask_seed``, so the curve is continuous in k. Other arguments as in
     :func:`loss_at_points`.
 
     >>> m = nn.Linear(2, 1, bias=False)
@@ -186,5 +231,6 @@ def loss_along(
     tensor([2.5000, 0.5000, 2.5000])
     """
     return loss_at_points(
-        model, theta + _as_grid(ks, theta) * direction, batches, loss_fn, bn_policy, weight_decay, method, chunk_size
+        model, theta + _as_grid(ks, theta) * direction, batches, loss_fn, bn_policy, weight_decay, method, chunk_size,
+        ignore_index=ignore_index, mask_seed=mask_seed,
     )
