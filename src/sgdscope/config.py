@@ -27,7 +27,9 @@ Every = Union[Literal["epoch"], int]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite number (YAML's .nan, .inf, 1e400) is never a meaningful setting,
+    # and would pass range checks such as lr > 0 only to surface as a silently wrong run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -105,6 +107,13 @@ class ScheduleConfig(_Strict):
     threshold_mode: Literal["abs", "rel"] = "abs"  # abs: Keras ReduceLROnPlateau (the NSGD code); rel: torch's
     min_lr: float = Field(0.0, ge=0)
 
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v: list[float]) -> list[float]:
+        if any(m < 0 for m in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be an increasing list of non-negative epochs")
+        return v
+
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, gt=0)
@@ -122,8 +131,11 @@ class MeasureConfig(_Strict):
     include_l2: bool = True
 
 
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0..2^64-1; past it, it overflows
+
+
 class RunConfig(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -209,13 +221,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML document names the same key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping, where SafeLoader keeps the last silently
+    (so a second ``lr:`` would quietly override the first). Keys brought in by a ``<<`` merge may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                                            "keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a mapping (ConfigError if absent or not YAML)."""
+    """Read a YAML config file into a mapping (ConfigError if absent, not YAML, or a key is repeated)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: no such file {str(p)!r}; give a YAML file or a recipe name (see `sgdscope recipes`)")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8", errors="strict"))
+        raw = yaml.load(p.read_text(encoding="utf-8", errors="strict"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config: {p}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"config: {p} is not valid YAML ({first})") from None
