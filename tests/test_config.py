@@ -1,14 +1,32 @@
 import pytest
 
-from sgdscope.config import RunConfig, apply_overrides, load_config, validate
+from sgdscope.config import apply_overrides, load_config, validate
 from sgdscope.errors import ConfigError
 
 
-def test_defaults_validate_and_roundtrip():
+def test_defaults_are_the_documented_ones_and_roundtrip():
     cfg = load_config(None)
-    assert isinstance(cfg, RunConfig)
-    assert cfg.measure.bn_policy == "train-restore"
+    # The defaults DESIGN.md documents under "Config": users, recipes and the demo rely on each of them.
+    assert (cfg.seed, cfg.device) == (0, "auto")
+    assert (cfg.data.name, cfg.data.root, cfg.data.train_size, cfg.data.val_size, cfg.data.augment) == (
+        "digits", None, None, None, False)
+    assert (cfg.model.name, cfg.model.batchnorm) == ("mlp", False)
+    o = cfg.optimizer
+    assert (o.name, o.lr, o.momentum, o.batch_size, o.weight_decay) == ("sgd", 0.1, 0.0, 128, 0.0)
+    assert (o.gamma, o.k, o.mode, o.noise_factor) == (1.0, 5, "scale", 0.0)
+    assert cfg.schedule.name == "constant"
+    assert (cfg.train.epochs, cfg.train.epoch_size) == (10, None)
+    assert (cfg.measure.subset, cfg.measure.min_subset, cfg.measure.bn_policy) == (0.05, 1000, "train-restore")
+    # The expensive probes are enabled by presence only.
+    assert all(getattr(cfg.probes, p) is None for p in ("eigen", "interpolation", "direction", "alpha_step"))
     assert validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_probe_defaults_when_present():
+    cfg = load_config(None, ["probes.eigen={}", "probes.interpolation={}"])
+    e, i = cfg.probes.eigen, cfg.probes.interpolation
+    assert (e.every, e.k, e.which, e.tol) == ("epoch", 5, "LA", 1e-3)   # LA: an accepted change (DESIGN.md)
+    assert (i.every, i.epochs, i.alphas) == (1, [1], 10)
 
 
 def test_set_overrides_parse_yaml_values():
