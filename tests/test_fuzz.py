@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import yaml
 
-from sgdscope.config import RunConfig, apply_overrides, load_raw, validate
+from sgdscope.config import RunConfig, apply_overrides, load_raw, to_dict, validate
 from sgdscope.data import load_dataset
 from sgdscope.config import DataConfig
 from sgdscope.errors import ConfigError, DataError
@@ -78,13 +79,40 @@ def _set_path(raw: dict, path: str, value) -> dict:
     return raw
 
 
+def _key_paths(raw: dict, prefix: tuple = ()):
+    """Every key path of a nested mapping, sections and leaves."""
+    for k, v in raw.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from _key_paths(v, prefix + (k,))
+
+
 def _validate_ok_or_config_error(raw) -> None:
+    """Either a one-line ConfigError, or a config that survives what a run does with it: ``to_dict`` keeps
+    every key the user gave, validating the dump gives the same config, and the dump comes back unchanged
+    through YAML (the run directory's config.yaml, which resume compares with)."""
     try:
         cfg = validate(raw)
     except ConfigError as err:
         _one_line(err)
-    else:
-        assert isinstance(cfg, RunConfig)
+        return
+    _check_roundtrip(raw, cfg)
+
+
+def _check_roundtrip(raw: dict, cfg: RunConfig) -> None:
+    dumped = to_dict(cfg)
+    for path in _key_paths(raw):
+        node = dumped
+        for part in path:
+            assert isinstance(node, dict) and part in node, f"key {'.'.join(map(str, path))} lost by to_dict"
+            node = node[part]
+    assert validate(dumped) == cfg
+    assert yaml.safe_load(yaml.safe_dump(dumped, sort_keys=False)) == dumped
+
+
+def test_valid_config_roundtrips():
+    """The base of the fuzzed configs is valid, so the fuzzing below starts from the roundtrip path."""
+    _check_roundtrip(VALID, validate(VALID))
 
 
 @FUZZ
