@@ -8,9 +8,10 @@ from sgdscope.landscape.directions import (
     typical_step,
 )
 from sgdscope.landscape.interpolate import interpolate, loss_along, loss_at_points
-from sgdscope.landscape.valley import ValleyProfile, valley_profile
+from sgdscope.landscape.valley import BARRIER_REL_TOL, ValleyProfile, valley_profile
 
 __all__ = [
+    "BARRIER_REL_TOL",
     "ValleyProfile",
     "alpha_step_changes",
     "interpolate",

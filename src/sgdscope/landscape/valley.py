@@ -4,8 +4,9 @@ Given the interpolated losses L(α) = L((1−α)θ_t + αθ_{t+1}) on a grid tha
 
 * valley floor y_t = min_α L(α);
 * height of the iterate above the floor h_t = L(0) − y_t (options: L(1) − y_t, or ½(L(0)+L(1)) − y_t);
-* a barrier is crossed when some interior point 0 < α < 1 is strictly higher than both end points
-  (the paper's footnote 1); its height is max_interior L − max(L(0), L(1)).
+* a barrier is crossed when some interior point 0 < α < 1 is higher than both end points (the paper's
+  footnote 1) by more than a stated tolerance, by default a relative 1e-6 of the higher end (so float
+  round-off of a flat curve cannot make a barrier); its height is max_interior L − max(L(0), L(1)).
 
 NaN losses (a diverged evaluation) are treated as missing points: they are skipped for the floor and for
 the barrier. A NaN end point makes the height (and the barrier height) NaN, and no barrier is reported,
@@ -23,6 +24,10 @@ from torch import Tensor
 from sgdscope.errors import ConfigError
 
 HEIGHTS = ("start", "end", "mean")
+# The default relative tolerance of the barrier test: float32 losses carry a relative round-off of about
+# 6e-8 per operation, and a mean over batches accumulates a few of them, so a rise of 1e-6·|m| is above
+# round-off and far below any barrier worth reporting.
+BARRIER_REL_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def valley_profile(
     losses: Sequence[float] | Tensor,
     alphas: Sequence[float] | Tensor,
     height: str = "start",
-    rel_tol: float = 0.0,
+    rel_tol: float = BARRIER_REL_TOL,
     abs_tol: float = 0.0,
 ) -> ValleyProfile:
     """Floor, height and barrier of an interpolated loss curve L(α) with α ∈ [0, 1], 0 and 1 included.
@@ -58,9 +63,11 @@ def valley_profile(
       the smallest α), so ``interior_min`` ⇔ 0 < argmin_alpha < 1 ⇔ the floor is strictly below both end
       points.
     * ``height``: ``"start"`` L(0) − floor, ``"end"`` L(1) − floor, ``"mean"`` ½(L(0)+L(1)) − floor.
-    * ``barrier``: some interior L(α) > m + max(abs_tol, rel_tol·|m|), with m = max(L(0), L(1)); with the
-      default tolerances 0 this is "strictly higher than both end points", so an interior point that ties
-      with an end point is no barrier. ``barrier_height`` = max_interior L − m if a barrier, else 0.
+    * ``barrier``: some interior L(α) > m + max(abs_tol, rel_tol·|m|), with m = max(L(0), L(1)): a rise
+      above both ends larger than the tolerance. The default is the relative ``BARRIER_REL_TOL`` = 1e-6
+      (and no absolute floor), so an interior point that ties with an end point, or exceeds it only by
+      round-off, is no barrier; ``rel_tol=0`` gives the paper's "strictly higher". ``barrier_height`` =
+      max_interior L − m if a barrier, else 0.
 
     Raises ConfigError if ``alphas`` lacks 0 or 1, leaves [0, 1], or does not match ``losses`` in length.
 
