@@ -153,10 +153,19 @@ def test_lstm_count_shape_and_loss():
     m = build_model(ModelConfig(name="lstm", embed=e, hidden=h, layers=2, dropout=0.1), (7,), vocab, task="lm")
     lstm = 4 * h * (e + h) + 8 * h + 4 * h * (h + h) + 8 * h  # two layers, each with two bias vectors
     assert n_params(m) == vocab * e + lstm + dense(h, vocab)
+    m.eval()  # no dropout: the causality check below compares two forward passes
     tokens = torch.randint(0, vocab, (3, 7))
     out = m(tokens)
     assert out.shape == (3, 7, vocab)
-    assert torch.isfinite(cross_entropy(out, torch.randint(0, vocab, (3, 7))))
+    # At initialisation the next-token distribution is close to uniform: the loss is about log(vocab).
+    loss = float(cross_entropy(out, torch.randint(0, vocab, (3, 7))).detach())
+    assert loss == pytest.approx(math.log(vocab), abs=0.15)
+    # A language model is causal: changing token 4 changes the outputs from position 4 on, never before.
+    changed = tokens.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % vocab
+    out2 = m(changed)
+    assert torch.equal(out[:, :4], out2[:, :4])
+    assert (out[:, 4:] - out2[:, 4:]).abs().amax(dim=-1).min() > 0
 
 
 # ---------------------------------------------------------------------------------------- invalid combos
