@@ -10,4 +10,13 @@ def run(config, out=None, *, resume=False, progress=True):
     return _run(config, out, resume=resume, progress=progress)
 
 
-__all__ = ["run", "__version__"]
+def __getattr__(name):
+    # Scope pulls in torch and the kernels: loaded on first use, so `import sgdscope` stays light
+    if name == "Scope":
+        from sgdscope.scope import Scope
+
+        return Scope
+    raise AttributeError(f"module 'sgdscope' has no attribute {name!r}")
+
+
+__all__ = ["Scope", "run", "__version__"]

@@ -44,6 +44,21 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
 # -- inputs of any form -------------------------------------------------------------------------------
 
 
+def mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean over examples of ½‖f(x) − e_y‖², with e_y the one-hot vector of the integer target y (the squared
+    loss of edge-of-stability studies, Cohen et al. 2021). Its Hessian in the outputs is the identity.
+
+    >>> float(mse(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1])))
+    0.25
+    """
+    flat = outputs.reshape(-1, outputs.shape[-1])
+    onehot = F.one_hot(targets.reshape(-1), flat.shape[-1]).to(flat.dtype)
+    return 0.5 * ((flat - onehot) ** 2).sum(-1).mean()
+
+
+LOSSES = {"cross_entropy": cross_entropy, "mse": mse}  # the built-in trainer's ``train.loss``
+
+
 def _call_args(x: Inputs) -> tuple[tuple, dict]:
     """The positional and keyword arguments a model is called with for the inputs ``x``."""
     if isinstance(x, Mapping):

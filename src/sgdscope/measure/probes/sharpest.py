@@ -1,9 +1,9 @@
 """Probes of Jastrzebski et al. (2019): the loss along the top eigenvectors, k_min, α-scaled steps and
 the alignment of gradients with the sharpest directions.
 
-Every probe here takes its eigenvectors from the shared :class:`~sgdscope.probes.eigen.EigenTracker`,
-evaluates on the run's fixed measurement subset under the run's BN policy, and draws its minibatch
-gradients from its own generator, so it never perturbs training.
+Every probe here takes its eigenvectors from the shared :class:`~sgdscope.measure.tracker.EigenTracker`,
+evaluates on the fixed measurement set under the Scope's BN policy with one set of dropout masks per
+measurement, and draws its minibatch gradients from its own generator, so it never perturbs training.
 """
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sgdscope.curvature.flat import get_flat
 from sgdscope.curvature import EigenResult
+from sgdscope.curvature.flat import get_flat
 from sgdscope.landscape import alpha_step_changes, k_min, loss_along, minibatch_grads, random_direction, typical_step
-from sgdscope.probes.base import Probe, Rows, StepInfo
+from sgdscope.measure.probes.base import Probe, Rows, StepInfo
 
 
-def _eigen_and_grads(probe: Probe, tag: str, info: StepInfo, n: int) -> tuple[EigenResult, Tensor]:
-    """The tracker's eigenpairs at this step, and ``n`` minibatch gradients of the run's batch size drawn
-    from the measurement subset with the probe's own generator: (n, n_params).
+def eigen_and_grads(probe: Probe, tag: str, info: StepInfo, n: int) -> tuple[EigenResult, Tensor]:
+    """The tracker's eigenpairs at this step, and ``n`` minibatch gradients of the training batch size drawn
+    from the measurement set with the probe's own generator: (n, n_params).
 
-    The tracker always holds at least max(eigen_indices) pairs (see ``probes._tracker_k``)."""
-    ctx = probe.ctx
-    grads = minibatch_grads(
-        ctx.model, ctx.loss_fn, ctx.measure_x, ctx.measure_y, min(ctx.cfg.optimizer.batch_size, len(ctx.measure_y)),
-        n, ctx.generator(tag, info.step), bn_policy=ctx.cfg.measure.bn_policy, weight_decay=ctx.l2_in_measurements,
-    )
-    return ctx.tracker.get(info.step), grads
+    The tracker holds at least max(eigen_indices) pairs (the Scope sizes it from every probe's needs)."""
+    env = probe.env
+    x, y = env.measure_xy
+    kw = env.kernel_kw(tag, info.step)
+    del kw["loss_fn"]
+    grads = minibatch_grads(env.model, env.loss_fn, x, y, env.minibatch_size, n, env.generator(tag, info.step), **kw)
+    return env.tracker.get(info.step), grads
 
 
 class DirectionProbe(Probe):
@@ -36,25 +36,25 @@ class DirectionProbe(Probe):
     at which the loss has risen by the threshold on both sides."""
 
     name = "direction"
+    tables = ("direction", "k_min")
 
     def measure(self, info: StepInfo) -> Rows:
-        ctx, pc = self.ctx, self.pcfg
-        res, grads = _eigen_and_grads(self, "direction", info, pc.n_grads)
-        theta = get_flat(ctx.model)
-        ks = sorted(set(float(k) for k in pc.ks) | {0.0})
-        kw = dict(loss_fn=ctx.loss_fn, bn_policy=ctx.cfg.measure.bn_policy, weight_decay=ctx.l2_in_measurements)
+        env, o = self.env, self.opts
+        res, grads = eigen_and_grads(self, "direction", info, o.n_grads)
+        theta = get_flat(env.model)
+        ks = sorted(set(float(k) for k in o.ks) | {0.0})
         direction, kmin = [], []
-        for i in pc.eigen_indices:
+        for i in o.eigen_indices:
             e = res.vectors[i - 1]
-            scale = typical_step(ctx.model, e, info.lr, grads)
-            curve = loss_along(ctx.model, theta, e * scale, ks, ctx.measure_batches, **kw)
+            scale = typical_step(env.model, e, info.lr, grads)
+            curve = loss_along(env.model, theta, e * scale, ks, env.measure_batches, **env.kernel_kw("direction", info.step))
             l0 = float(curve[ks.index(0.0)])
             base = {"step": info.step, "epoch": info.epoch, "eigen_index": i}
             direction += [
                 {**base, "k": k, "loss": float(l), "step_scale": float(scale), "eigenvalue": float(res.values[i - 1])}
                 for k, l in zip(ks, curve.tolist())
             ]
-            kmin += [{**base, "threshold": t, "k_min": k_min(ks, curve, l0, t)} for t in pc.thresholds]
+            kmin += [{**base, "threshold": t, "k_min": k_min(ks, curve, l0, t)} for t in o.thresholds]
         return {"direction": direction, "k_min": kmin}
 
 
@@ -63,37 +63,38 @@ class AlphaStepProbe(Probe):
     requested e_i and a random unit direction (``eigen_index`` 0) as the control."""
 
     name = "alpha_step"
+    tables = ("alpha_step",)
 
     def measure(self, info: StepInfo) -> Rows:
-        ctx, pc = self.ctx, self.pcfg
-        res, grads = _eigen_and_grads(self, "alpha-step", info, pc.n_grads)
-        rand = random_direction(ctx.model, ctx.generator("alpha-random", info.step))
-        dirs = [(i, res.vectors[i - 1]) for i in pc.eigen_indices] + [(0, rand)]
+        env, o = self.env, self.opts
+        res, grads = eigen_and_grads(self, "alpha-step", info, o.n_grads)
+        rand = random_direction(env.model, env.generator("alpha-random", info.step))
+        dirs = [(i, res.vectors[i - 1]) for i in o.eigen_indices] + [(0, rand)]
         rows = []
         for i, e in dirs:
             change, rel = alpha_step_changes(
-                ctx.model, e, info.lr, grads, pc.alphas, ctx.measure_batches, loss_fn=ctx.loss_fn,
-                bn_policy=ctx.cfg.measure.bn_policy, weight_decay=ctx.l2_in_measurements,
+                env.model, e, info.lr, grads, o.alphas, env.measure_batches, **env.kernel_kw("alpha-step", info.step)
             )
             rows += [
                 {"step": info.step, "epoch": info.epoch, "eigen_index": i, "direction": f"e{i}" if i else "random",
                  "alpha": float(a), "loss_change": float(c), "relative_change": float(r)}
-                for a, c, r in zip(pc.alphas, change.tolist(), rel.tolist())
+                for a, c, r in zip(o.alphas, change.tolist(), rel.tolist())
             ]
         return {"alpha_step": rows}
 
 
 class AlignmentProbe(Probe):
     """``alignment``: cos(g, e_i) for the minibatch gradient of this step and for the full gradient on
-    the measurement subset, for each tracked eigenvector."""
+    the measurement set, for each tracked eigenvector."""
 
     name = "alignment"
+    tables = ("alignment",)
 
     def measure(self, info: StepInfo) -> Rows:
-        ctx = self.ctx
-        res = ctx.tracker.get(info.step)
-        full = ctx.tracker.operator().gradient()
-        mini = info.grad if info.grad is not None else _eigen_and_grads(self, "alignment", info, 1)[1][0]
+        env = self.env
+        res = env.tracker.get(info.step)
+        full = env.tracker.operator(info.step).gradient()
+        mini = info.grad if info.grad is not None else eigen_and_grads(self, "alignment", info, 1)[1][0]
         rows = []
         for i in range(res.vectors.shape[0]):
             e = res.vectors[i]

@@ -1,0 +1,19 @@
+"""Every probe, by the name its options take in ``probes:`` (see :mod:`sgdscope.measure.options`)."""
+
+from __future__ import annotations
+
+from sgdscope.measure.probes.base import Probe, StepInfo
+from sgdscope.measure.probes.eigen import EigenProbe
+from sgdscope.measure.probes.sharpest import AlignmentProbe, AlphaStepProbe, DirectionProbe
+from sgdscope.measure.probes.stats import DistanceProbe, GradientProbe, WeightsProbe, weight_spectral_norm_mean
+from sgdscope.measure.probes.walk import InterpolationProbe
+
+PROBES: dict[str, type[Probe]] = {
+    cls.name: cls
+    for cls in (GradientProbe, DistanceProbe, WeightsProbe, EigenProbe, DirectionProbe, AlphaStepProbe,
+                AlignmentProbe, InterpolationProbe)
+}
+# probes that read the shared eigen tracker
+EIGEN_CONSUMERS = ("eigen", "direction", "alpha_step", "alignment")
+
+__all__ = ["PROBES", "EIGEN_CONSUMERS", "Probe", "StepInfo", "weight_spectral_norm_mean"]

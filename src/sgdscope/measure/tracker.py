@@ -1,0 +1,69 @@
+"""Top-K Hessian eigenpairs along the trajectory, warm-started from the previous measurement.
+
+The :class:`EigenTracker` owns the Hessian operator on the fixed measurement set and the last Ritz
+vectors. Every consumer (the ``eigen`` probe, the direction, α-step and alignment probes, Nudged-SGD
+through ``Scope.eigenpairs``) asks it for the pairs at the current step, so one solve serves them all, and
+each solve starts from the previous vectors: along a trajectory the top eigenspace moves slowly, which is
+what makes the warm start pay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sgdscope.curvature import EigenResult, HessianOperator, top_eigenpairs
+from sgdscope.measure.env import Env
+
+
+class EigenTracker:
+    """Computes the top-``k`` eigenpairs at most once per step, each solve warm-started.
+
+    ``k`` grows to the largest ``k`` ever asked for, so one cached result serves every consumer.
+    """
+
+    def __init__(self, env: Env, k: int, which: str = "LA", tol: float = 1e-3, max_hvps: int = 500) -> None:
+        n = sum(p.numel() for p in env.model.parameters() if p.requires_grad)
+        if k > n:
+            from sgdscope.errors import ConfigError
+
+            raise ConfigError(f"probes.eigen.k: {k} is larger than the number of parameters ({n})")
+        self.env, self.k, self.which, self.tol, self.max_hvps, self.n_params = env, k, which, tol, max_hvps, n
+        self.vectors = None
+        self._cache: Optional[tuple[int, EigenResult]] = None
+
+    def operator(self, step: int = 0) -> HessianOperator:
+        """H of the mean measured loss at the model's current parameters, dropout masks fixed per step."""
+        env = self.env
+        return HessianOperator(
+            env.model, env.loss_fn, env.measure_batches, bn_policy=env.bn_policy, weight_decay=env.l2,
+            include_l2=env.l2 > 0, ignore_index=env.ignore_index, mask_seed=env.mask_seed("hessian", step),
+        )
+
+    def get(self, step: int, k: Optional[int] = None) -> EigenResult:
+        """The top-``max(k, self.k)`` eigenpairs at ``step`` (solved once per step, then cached)."""
+        want = max(k or 0, self.k)
+        if want > self.n_params:
+            from sgdscope.errors import ConfigError
+
+            raise ConfigError(f"eigenpairs: k = {want} is larger than the number of parameters ({self.n_params})")
+        if self._cache is not None and self._cache[0] == step and len(self._cache[1].values) >= want:
+            return self._cache[1]
+        self.k = want
+        res = top_eigenpairs(
+            self.operator(step), k=want, which=self.which, tol=self.tol, max_hvps=self.max_hvps,
+            init=self.vectors, generator=self.env.generator("eigen-init", step),
+        )
+        # the next solve starts from every Ritz vector this one kept (its guard too, where it returns them)
+        basis = getattr(res, "basis", None)
+        self.vectors = basis if basis is not None else res.vectors
+        self._cache = (step, res)
+        return res
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vectors": self.vectors, "k": self.k}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        v = state.get("vectors")
+        self.vectors = v.to(self.env.device) if v is not None else None
+        self.k = max(self.k, int(state.get("k", self.k)))
+        self._cache = None

@@ -1,0 +1,107 @@
+"""One run's life: validate, create or reopen the run directory, train, record how it ended."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sgdscope.config import RunConfig, to_dict
+from sgdscope.errors import DivergenceError, RunStoreError
+from sgdscope.store import RunStore
+from sgdscope.train.build import resolve_device
+from sgdscope.train.checkpoint import check_format, load_checkpoint
+from sgdscope.train.loop import Trainer
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]} ({a!r} -> {b!r})"]
+
+
+def _as_config(config: RunConfig | dict | str | Path) -> RunConfig:
+    from sgdscope.config import load_config, validate
+
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, dict):
+        return validate(config)
+    return config
+
+
+def _reopen(out: Path, want: dict[str, Any]) -> RunStore:
+    """The run directory to resume: it must exist and hold the same config (``device`` aside)."""
+    if not out.is_dir():
+        raise RunStoreError(f"{out}: cannot resume, no such run directory (drop --resume to start it)")
+    store = RunStore(out)
+    have = {k: v for k, v in store.config().items() if k not in ("versions", "resolved")}
+    diffs = [d for d in _diff(have, want) if not d.startswith("device ")]
+    if diffs:
+        raise RunStoreError(f"{out}: cannot resume with a different config: {'; '.join(diffs)}")
+    return store
+
+
+def _extra_sinks(cfg: RunConfig, store: RunStore) -> list:
+    if not cfg.tensorboard:
+        return []
+    from sgdscope.tb import TensorBoardSink
+
+    return [TensorBoardSink(store.path / "tb")]
+
+
+def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *, resume: bool = False,
+        progress: bool = True) -> Path:
+    """Train one run, measuring as configured, and return the run directory.
+
+    ``config`` is a :class:`RunConfig`, a raw mapping or a YAML path. With ``resume=True`` an existing
+    run directory continues from its last checkpoint (its config must match, ``device`` aside); rows
+    committed after that checkpoint are dropped and recomputed, bit for bit.
+    """
+    cfg = _as_config(config)
+    out = Path(out) if out is not None else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    device = resolve_device(cfg.device)
+    want = to_dict(cfg)
+    store = _reopen(out, want) if resume else None
+    if store is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunStoreError(f"{out}: already exists and is not empty; pass --resume to continue it or choose --out")
+    if store is not None:
+        store.acquire_writer()  # before reading its status: another writer may be finishing it
+        if store.status().get("state") == "done":
+            store.close()
+            return out
+    # every input error surfaces here, before anything is written; on resume the Scope drops the rows
+    # committed after the restored step (all of them when no checkpoint was written yet)
+    trainer = Trainer(cfg, device, progress, resume=store is not None)
+    if store is None:
+        store = RunStore.create(out, {**want, **trainer.info()}, writer=True)
+        store.save_tensors("measure_subset", {"indices": trainer.measure_idx})
+    else:
+        for stale in (store.path / "checkpoints").glob(".*.tmp"):  # a crash inside an atomic write
+            stale.unlink()
+    trainer.attach(store, *_extra_sinks(cfg, store))
+    ckpt = store.path / "checkpoints" / "last.pt"
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        check_format(ckpt, state)
+        trainer.load_checkpoint(state)
+    store.set_status("running", step=trainer.step, epoch=trainer.epoch)
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        store.set_status("interrupted", step=trainer.step, epoch=trainer.epoch)
+        raise
+    except DivergenceError as err:
+        store.set_status("failed", step=trainer.step, epoch=trainer.epoch, error=str(err))
+        raise
+    except BaseException as err:
+        store.set_status("failed", step=trainer.step, epoch=trainer.epoch, error=f"{type(err).__name__}: {err}")
+        raise
+    else:
+        store.set_status("done", step=trainer.step, epoch=trainer.epoch)
+    finally:
+        trainer.scope.close()  # closes the store and its sinks, and releases the directory's lock
+    return out
