@@ -15,12 +15,14 @@ from sgdscope.tb import METADATA, TensorBoardSink, mirror_to_tensorboard  # noqa
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar event under ``log_dir``: tag -> [(step, value)] in the order written."""
+    """Every scalar event TensorBoard shows under ``log_dir``: tag -> [(step, value)] by step (a step
+    written twice shows twice). TensorBoard reads a folder's files in name order, which within one
+    second need not be the order they were written in, so the events are sorted here."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
 
 
 def commit(step: int) -> dict[str, list[dict]]:
@@ -106,16 +108,29 @@ def test_sink_without_rows_leaves_no_event_file(tmp_path):
     assert not list(tmp_path.glob("events.out.tfevents.*"))
 
 
-def test_resumed_sink_purges_the_steps_it_recomputes(tmp_path):
+def train_rows(steps, offset=0.0):
+    return [{"train": [{"step": s, "batch_loss": offset + s, "logged_at": s}]} for s in steps]
+
+
+@pytest.mark.parametrize("same_sink", [True, False], ids=["same-process", "new-process"])
+def test_a_resume_hides_the_steps_it_recomputes(tmp_path, monkeypatch, same_sink):
     first = TensorBoardSink(tmp_path)
-    for s in range(6):
-        first.append_many({"train": [{"step": s, "batch_loss": float(s)}]})
-    first.close()
-    again = TensorBoardSink(tmp_path, purge_step=3)  # restored from a checkpoint at step 2
-    for s in range(3, 8):
-        again.append_many({"train": [{"step": s, "batch_loss": 10.0 + s}]})
+    for c in train_rows(range(6)):
+        first.append_many(c)
+    again = first
+    if not same_sink:
+        first.close()
+        # a resumed process starts later, so its event file's name sorts after the first one's
+        import tensorboard.summary.writer.event_file_writer as efw
+
+        later = efw.time.time() + 100
+        monkeypatch.setattr(efw.time, "time", lambda: later)
+        again = TensorBoardSink(tmp_path)
+    again.truncate_after(2)  # what a Scope does on restoring a checkpoint of step 2
+    for c in train_rows(range(3, 8), offset=10.0):
+        again.append_many(c)
     again.close()
-    assert scalars(tmp_path)["train/batch_loss"] == [(0, 0.0), (1, 1.0), (2, 2.0)] + [(s, 10.0 + s) for s in range(3, 8)]
+    assert scalars(tmp_path)["train/batch_loss"] == [(s, float(s)) for s in range(3)] + [(s, 10.0 + s) for s in range(3, 8)]
 
 
 # ------------------------------------------------------------------------------------------- the mirror

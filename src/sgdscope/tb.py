@@ -100,9 +100,8 @@ class TensorBoardSink:
     It has the row-sink interface (``append_many``, ``close``), so a Scope feeds it beside its store:
     ``Scope(..., sinks=[TensorBoardSink("runs/mine/tb")])``. The event file is opened with the first row,
     so a sink that never gets one leaves no empty file, and flushed after every commit, so TensorBoard
-    shows a running loop's rows as they land. ``purge_step`` is for a resumed run that recomputes the
-    steps from there on: TensorBoard hides what an earlier writer wrote at those steps, so no step shows
-    twice. Needs the optional ``tensorboard`` package (ConfigError if absent).
+    shows a running loop's rows as they land. On a resume the Scope calls :meth:`truncate_after`, as it
+    does on the store. Needs the optional ``tensorboard`` package (ConfigError if absent).
 
     >>> import tempfile
     >>> sink = TensorBoardSink(tempfile.mkdtemp())
@@ -112,10 +111,10 @@ class TensorBoardSink:
     >>> sink.close()
     """
 
-    def __init__(self, log_dir: str | Path, *, purge_step: Optional[int] = None) -> None:
+    def __init__(self, log_dir: str | Path) -> None:
         self._writer_cls = _summary_writer()  # fail at construction, not at the first commit of a long run
         self.log_dir = Path(log_dir)
-        self.purge_step = purge_step
+        self._purge_step: Optional[int] = None
         self._writer: Any = None
         self._tags: set[str] = set()
 
@@ -140,13 +139,32 @@ class TensorBoardSink:
                     if x is None:
                         continue
                     if self._writer is None:
-                        self._writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=self.purge_step)
+                        self._writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=self._purge_step)
+                        self._purge_step = None
                     tag = f"{table}/{col}{suffix}"
                     self._writer.add_scalar(tag, x, global_step=step)
                     self._tags.add(tag)
                     wrote = True
         if wrote:
             self._writer.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """A resume drops the rows logged after ``step`` and recomputes them: from the next row on,
+        TensorBoard hides what this folder holds at steps past ``step``, so none of them shows twice.
+
+        An event file can only be truncated by step, not by commit: an ``interpolation`` or ``valley``
+        row of step ``step``, committed at ``step + 1``, is recomputed beside the one kept (same values
+        in a deterministic run).
+        """
+        if self._writer is None:
+            self._purge_step = step + 1  # the next writer opens its file with the purge
+            return
+        # In the open file, so the purge comes after the events it hides: TensorBoard reads a folder's
+        # files in name order, and two files named in the same second need not sort by age.
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self._writer._get_file_writer().add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+        self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
