@@ -229,7 +229,7 @@ def test_grad_cosine_prev_against_per_example_gradients(tmp_path):
         with torch.no_grad():
             for p, acc in zip(params.values(), grads):
                 p -= lr * acc / len(idx)
-        dist = math.sqrt(sum(float(((p - theta0[n]) ** 2).sum()) for n, p in params.items()))
+            dist = math.sqrt(sum(float(((p - theta0[n]) ** 2).sum()) for n, p in params.items()))
         assert row["param_distance"] == pytest.approx(dist, rel=1e-4)
     assert len(tr) == 2 * math.ceil(n_train / bs)
     # The cosines must not all be trivially equal (e.g. all 1): the oracle compared real variation.
@@ -260,7 +260,7 @@ class Mixed(nn.Module):
 
 
 def test_weight_spectral_norm_mean_against_svd():
-    from sgdscope.probes.basic import weight_spectral_norm_mean
+    from sgdscope.measure.probes import weight_spectral_norm_mean
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
