@@ -29,6 +29,7 @@ from sgdscope.curvature.flat import flatten, get_flat, set_flat, unflatten
 from sgdscope.errors import ConfigError
 from sgdscope.losses import cross_entropy, split_batches
 from sgdscope.models.quadratic import Quadratic, output_mean
+from sgdscope.policy import BN_POLICIES, fixed_masks
 
 F64 = torch.float64
 
@@ -53,8 +54,11 @@ def data(n, shape=(5,), classes=3, seed=1):
     return torch.randn(n, *shape, generator=g, dtype=F64), torch.randint(0, classes, (n,), generator=g)
 
 
-def oracle_hessian(model, batches, names=None):
-    """Dense Hessian of Σ_b |b| L_b / Σ|b| w.r.t. the named parameters, in the model's current mode."""
+def oracle_loss(model, batches, names=None, mask_seed=None):
+    """The mean loss Σ_b |b| L_b / Σ|b| as a function of the flat vector of the named parameters (all the
+    trainable ones by default), in the model's current mode, and the model's current flat vector. Batch b's
+    forward pass draws its dropout masks under ``fixed_masks(mask_seed, b)`` (the masks the operator is
+    defined with)."""
     params = dict(model.named_parameters())
     names = names or [n for n, p in params.items() if p.requires_grad]
     like = [params[n] for n in names]
@@ -64,9 +68,18 @@ def oracle_hessian(model, batches, names=None):
     def loss(theta):
         state = {n: p.detach() for n, p in params.items()} | {n: b.clone() for n, b in buffers.items()}
         state |= dict(zip(names, unflatten(theta, like)))
-        return sum(len(y) * cross_entropy(functional_call(model, state, (x,)), y) for x, y in batches) / total
+        out = 0.0
+        for b, (x, y) in enumerate(batches):
+            with fixed_masks(mask_seed, b):
+                out = out + len(y) * cross_entropy(functional_call(model, state, (x,)), y)
+        return out / total
 
-    return torch.autograd.functional.hessian(loss, flatten(p.detach() for p in like))
+    return loss, flatten(p.detach() for p in like)
+
+
+def oracle_hessian(model, batches, names=None, mask_seed=None):
+    """Dense Hessian of :func:`oracle_loss` at the model's parameters."""
+    return torch.autograd.functional.hessian(*oracle_loss(model, batches, names, mask_seed))
 
 
 def sgd_steps(model, x, y, steps, lr=0.5):
@@ -192,6 +205,181 @@ def test_train_restore_leaves_no_trace(method):
     assert torch.equal(first, again)
     torch.testing.assert_close(block[0], first, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(block[1], 2 * first, rtol=1e-10, atol=1e-12)
+
+
+# -- dropout: one set of masks per batch for every product (issue 11 §1) ------------------------------
+
+
+def mlp_dropout(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(F64)
+
+
+def dropout_case(kind):
+    """A dropout model in train mode and two uneven batches: "mlp" (Linear-Tanh-Dropout-Linear) or "cnn"
+    (Conv-BatchNorm-ReLU-Dropout-Linear)."""
+    if kind == "mlp":
+        model, (x, y) = mlp_dropout(), data(17)
+    else:
+        model, (x, y) = cnn(dropout=0.5), data(17, shape=(1, 5, 5))
+        sgd_steps(model, x, y, 2, lr=0.1)
+    model.train()
+    return model, [(x[:10], y[:10]), (x[10:], y[10:])]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_both_methods_give_one_symmetric_operator_on_a_dropout_model(kind):
+    model, batches = dropout_case(kind)
+    H = oracle_hessian(model, batches, mask_seed=3)
+    dense = {}
+    for method in HVP_METHODS:
+        op = HessianOperator(model, cross_entropy, batches, method=method, mask_seed=3)
+        dense[method] = op.dense()  # a block product: vmap (jvp) or one graph per block (double backward)
+        torch.testing.assert_close(dense[method], H, rtol=0, atol=1e-11)
+        v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(1), dtype=F64)
+        torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-11)  # a single product: the same masks
+    torch.testing.assert_close(dense["jvp"], dense["double-backward"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(dense["jvp"], dense["jvp"].T, rtol=0, atol=1e-12)
+    # the top eigenvalues no longer depend on the method (they were 1% apart with fresh masks)
+    tops = [top_eigenpairs(HessianOperator(model, cross_entropy, batches, method=m, mask_seed=3), k=2, tol=1e-8)
+            for m in HVP_METHODS]
+    torch.testing.assert_close(tops[0].values, tops[1].values, rtol=1e-7, atol=0)
+
+
+def test_the_mask_seed_chooses_the_operator():
+    model, batches = dropout_case("mlp")
+
+    def dense(seed, policy="train-restore"):
+        return HessianOperator(model, cross_entropy, batches, bn_policy=policy, mask_seed=seed).dense()
+
+    assert torch.equal(dense(None), dense(0))  # None is the fixed default seed
+    assert (dense(1) - dense(2)).abs().max() > 1e-3
+    assert torch.equal(dense(1, "eval"), dense(2, "eval"))  # no dropout in eval mode
+
+
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_gradient_and_products_share_the_masks(method):
+    # Central differences of the gradient along v equal Hv only if the gradient at θ ± εv and the product
+    # use one set of masks; with fresh masks the difference quotient would be O(1/ε).
+    model, batches = dropout_case("mlp")
+    op = HessianOperator(model, cross_entropy, batches, method=method, mask_seed=4)
+    theta = get_flat(model)
+    v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(2), dtype=F64)
+    hv = op.matvec(v)
+    eps = 1e-5
+    set_flat(model, theta + eps * v)
+    g_plus = op.gradient()
+    set_flat(model, theta - eps * v)
+    g_minus = op.gradient()
+    set_flat(model, theta)
+    torch.testing.assert_close((g_plus - g_minus) / (2 * eps), hv, rtol=1e-6, atol=1e-8)
+    # and the gradient is the oracle's, with the masks of fixed_masks(4, b) for batch b
+    want = torch.autograd.functional.jacobian(*oracle_loss(model, batches, mask_seed=4))
+    torch.testing.assert_close(op.gradient(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", BN_POLICIES)
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_products_leave_rng_and_batchnorm_as_found_under_every_policy(policy, method):
+    model, batches = dropout_case("cnn")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(21)
+    rng = torch.get_rng_state()
+    op = HessianOperator(model, cross_entropy, batches, bn_policy=policy, method=method)
+    v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(0), dtype=F64)
+    first = op.matvec(v)
+    op.matmat(torch.stack([v, -v]))
+    op.gradient()
+    assert torch.equal(torch.get_rng_state(), rng)  # "train" included: no measurement moves a stream
+    after = torch.randn(5)  # what training draws next ...
+    torch.manual_seed(21)
+    assert torch.equal(after, torch.randn(5))  # ... is what it draws without the measurement
+    for k, t in model.state_dict().items():  # no product writes the running statistics, under any policy
+        assert torch.equal(t, state[k]), k
+    torch.manual_seed(99)  # another training RNG state: the operator does not see it
+    assert torch.equal(op.matvec(v), first)
+
+
+# -- inputs of any form and weighting by real targets (issue 10) --------------------------------------
+
+
+class TwoInputs(nn.Module):
+    """``mlp_dropout`` behind forward(a, b) = inner(cat(a, b))."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp_dropout()
+
+    def forward(self, a, b):
+        return self.inner(torch.cat([a, b], dim=-1))
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_inputs_of_any_form(form, method):
+    plain, batches = dropout_case("mlp")
+    model = TwoInputs().train()
+    split = (lambda x: (x[:, :2], x[:, 2:])) if form == "tuple" else (lambda x: {"b": x[:, 2:], "a": x[:, :2]})
+    formed = [(split(x), y) for x, y in batches]
+    op = HessianOperator(model, cross_entropy, formed, method=method)
+    ref = HessianOperator(plain, cross_entropy, batches, method=method)
+    torch.testing.assert_close(op.dense(), ref.dense(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.gradient(), ref.gradient(), rtol=0, atol=1e-12)
+
+
+class TokenModel(nn.Module):
+    """Next-token logits from each token alone: ids (B, T) -> (B, T, V), so padding positions change no
+    real token's loss and only the weighting can go wrong."""
+
+    def __init__(self, vocab=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, 3)
+        self.head = nn.Linear(3, vocab)
+        self.to(F64)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def padded_lm_batches(lengths, vocab=5, seed=0):
+    """Batches of sequences with the given real lengths, inputs padded with id 0 and targets with -100,
+    and the unpadded concatenation of their real tokens as one (1, N) batch."""
+    g = torch.Generator().manual_seed(seed)
+    batches, xs, ys = [], [], []
+    for group in lengths:
+        x = torch.zeros(len(group), max(max(group), 1), dtype=torch.long)
+        y = torch.full_like(x, -100)
+        for i, n in enumerate(group):
+            x[i, :n], y[i, :n] = torch.randint(0, vocab, (2, n), generator=g)
+            xs.append(x[i, :n])
+            ys.append(y[i, :n])
+        batches.append((x, y))
+    return batches, (torch.cat(xs)[None], torch.cat(ys)[None])
+
+
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_padding_weighs_as_the_unpadded_concatenation(method):
+    model = TokenModel()
+    batches, whole = padded_lm_batches([[5, 2, 4], [1, 3], [0, 0]])  # the last batch is all padding
+    H = oracle_hessian(model, [whole])
+    op = HessianOperator(model, cross_entropy, batches, method=method, ignore_index=-100)
+    torch.testing.assert_close(op.dense(), H, rtol=0, atol=1e-12)
+    ref = HessianOperator(model, cross_entropy, [whole], method=method)
+    torch.testing.assert_close(op.gradient(), ref.gradient(), rtol=0, atol=1e-12)
+    # counting the padding as targets weighs the two real batches 15:6 instead of 11:4
+    wrong = HessianOperator(model, cross_entropy, batches[:2], method=method).dense()
+    assert (wrong - H).abs().max() > 1e-4
+
+
+def test_a_batch_without_targets_is_skipped():
+    x, y = data(6)
+    empty = (torch.zeros(0, 5, dtype=F64), torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(
+        HessianOperator(mlp(), cross_entropy, [empty, (x, y), empty]).dense(),
+        HessianOperator(mlp(), cross_entropy, [(x, y)]).dense(),
+        rtol=0, atol=0,
+    )
 
 
 class WithUnused(nn.Module):
