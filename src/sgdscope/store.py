@@ -273,6 +273,7 @@ class RunStore:
         self._db: sqlite3.Connection | None = None
         self._columns: dict[str, set[str]] = {}
         self._lock = _WriterLock(self.path)
+        self._side_files: set[Path] = set()  # SQLite's -wal/-shm files that did not exist before this store opened
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
@@ -344,7 +345,22 @@ class RunStore:
             reason = _damage_reason(err)
             if reason is None:
                 raise
+            self._close_db()
+            self._drop_side_files()
             raise StoreDamagedError(self.path / DB_FILE, reason) from None
+
+    def _drop_side_files(self) -> None:
+        """Remove the -wal and -shm files that this store's open made, if the log is empty.
+
+        SQLite removes them itself when the last connection closes, except on a damaged file, whose final
+        checkpoint fails; a command that refuses a damaged store must leave the directory as it found it.
+        """
+        db = self.path / DB_FILE
+        wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+        if wal in self._side_files and wal.is_file() and wal.stat().st_size == 0:
+            wal.unlink(missing_ok=True)
+            if shm in self._side_files:
+                shm.unlink(missing_ok=True)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -353,6 +369,8 @@ class RunStore:
             problem = _header_problem(path) if path.exists() else None
             if problem is not None:
                 raise StoreDamagedError(path, problem)
+            self._side_files = {f for f in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+                                if not f.exists()}
             with self._guard():
                 db = sqlite3.connect(path, timeout=30, isolation_level=None)
                 try:
@@ -364,11 +382,15 @@ class RunStore:
             self._db = db
         return self._db
 
-    def close(self) -> None:
-        """Close the database and give up the writer lock, if held."""
+    def _close_db(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+            self._columns.clear()
+
+    def close(self) -> None:
+        """Close the database and give up the writer lock, if held."""
+        self._close_db()
         self.release_writer()
 
     def _ensure(self, table: str, rows: list[dict[str, Any]]) -> None:
