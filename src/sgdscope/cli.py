@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from sgdscope.errors import DivergenceError, SgdscopeError
+from sgdscope.errors import ConfigError, DivergenceError, SgdscopeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Watch SGD walk through a neural network's loss landscape.")
@@ -46,6 +47,28 @@ def _guard(fn):
             _fail(1, f"internal error: {type(err).__name__}: {err} (set SGDSCOPE_DEBUG=1 for the traceback)")
 
     return wrapper
+
+
+def _check_out(path: Path, option: str = "--out") -> Path:
+    """Refuse, before anything runs, an output directory that cannot be one: an existing file, a path under a
+    file, or a place this process cannot write. An existing directory passes: a resume or a sweep continues
+    it, and ``run`` itself refuses one that holds another run.
+
+    Writability is tried (a directory made and removed where the output would go), not read from the mode
+    bits, because root passes every permission check that /proc or a read-only mount still refuses.
+    """
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{option} {path}: is an existing file; give a directory (new or existing)")
+        base = path
+        while not base.exists() and base.parent != base:  # the nearest existing folder is where it gets made
+            base = base.parent
+        if not base.is_dir():
+            raise ConfigError(f"{option} {path}: lies under the file {base}; give a directory (new or existing)")
+        os.rmdir(tempfile.mkdtemp(dir=base, prefix=".sgdscope-write-test-"))
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot be written ({err.strerror}); give a directory you can write") from None
+    return path
 
 
 def _load(config: str, overrides: list[str], device: Optional[str]):
@@ -86,12 +109,14 @@ def run_cmd(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="mirror scalars to RUN_DIR/tb")] = False,
 ) -> None:
     """Train one run with its probes, writing a run directory."""
+    if resume and out is None:
+        _fail(2, "error: --resume needs --out RUN_DIR")
+    if out is not None:
+        _check_out(out)
     from sgdscope.train import run
 
     extra = ([f"on_nan={on_nan}"] if on_nan else []) + (["tensorboard=true"] if tensorboard else [])
     cfg, _ = _load(config, [*set_, *extra], device)
-    if resume and out is None:
-        _fail(2, "error: --resume needs --out RUN_DIR")
     path = run(cfg, out, resume=resume, progress=True)
     _summary(path)
 
@@ -104,16 +129,15 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="folder for the files (default RUN_DIR/export)")] = None,
 ) -> None:
     """Write every table of a run as CSV or Parquet files."""
-    from sgdscope.errors import ConfigError
     from sgdscope.store import RunStore
 
     if format not in ("csv", "parquet"):
         raise ConfigError(f"--format: {format!r} is not one of csv, parquet")
+    dest = _check_out(out or run_dir / "export")
     store = RunStore(run_dir)
-    dest = out or run_dir / "export"
+    frames = {name: store.table(name) for name in store.tables()}  # all read first: a damaged store writes nothing
     dest.mkdir(parents=True, exist_ok=True)
-    for name in store.tables():
-        df = store.table(name)
+    for name, df in frames.items():
         path = dest / f"{name}.{format}"
         if format == "csv":
             df.to_csv(path, index=False)
@@ -143,7 +167,7 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the demo")] = Pa
     """The tour: a short run on the embedded digits set, with measurements and a report."""
     from sgdscope.demo import demo as run_demo
 
-    run_demo(out)
+    run_demo(_check_out(out))
 
 
 @app.command()
@@ -162,7 +186,6 @@ def sweep(
     import time
 
     from sgdscope.config import apply_overrides
-    from sgdscope.errors import ConfigError
     from sgdscope.recipes import resolve
     from sgdscope.sweep import SweepFailed, parse_grid, run_sweep
 
@@ -171,7 +194,7 @@ def sweep(
     axes = parse_grid(grid) if grid else dict(meta.grid) if meta is not None and meta.grid else {}
     if not axes and seeds == 1:
         raise ConfigError("sweep: give at least one --grid key=v1,v2,... (or --seeds N); this config has no recipe grid")
-    out = out or Path("sweeps") / time.strftime("sweep-%Y%m%d-%H%M%S")
+    out = _check_out(out or Path("sweeps") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     try:
         path = run_sweep(raw, axes, out, backend=backend, workers=workers, seeds=seeds, address=address)
     except SweepFailed as err:
@@ -201,6 +224,27 @@ def plot(
 
     for p in draw(path, figure):
         typer.echo(str(p))
+
+
+@app.command()
+@_guard
+def check(path: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+    """Check a run directory: SQLite's integrity check of metrics.db, the store's own invariants (no step
+    committed twice, no row past a finished run's last step, status.json agreeing with checkpoints/last.pt)
+    and whether the run can resume. Prints the findings; exits 0 when healthy, 2 when damaged."""
+    from sgdscope.store import RunStore
+
+    store = RunStore(path)
+    try:
+        rep = store.check()
+    finally:
+        store.close()  # the last connection to close removes SQLite's -wal and -shm files again
+    for line in rep.lines():
+        typer.echo(line)
+    if not rep.healthy:
+        what = rep.problems[0] if rep.integrity == "ok" else f"metrics.db: {rep.integrity}"
+        more = len(rep.problems) + (rep.integrity != "ok") - 1
+        _fail(2, f"error: {path}: the store is damaged: {what}" + (f" (and {more} more, listed above)" if more else ""))
 
 
 def main() -> None:
