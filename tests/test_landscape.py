@@ -291,13 +291,12 @@ def test_kernels_leave_rng_and_batchnorm_as_found(data, policy, kernel):
     assert torch.equal(after, torch.randn(6))  # ... is what it draws with no measurement at all
     if policy != "train":  # "train" updates the running statistics by design (loss evaluations only)
         assert all(torch.equal(v, stats[k]) for k, v in norm_buffers(model).items())
+    torch.manual_seed(12)  # another RNG state left by training: the measurement does not see it
     again = call(model, a, b, split_batches(x, y, 16), policy)
-    # a deterministic function of the parameters, whatever the RNG state training left
+    # a deterministic function of the parameters (under "train" too: BN in train mode normalises with the
+    # batch statistics, so the running statistics it moved play no part)
     for u, v in zip(first if isinstance(first, tuple) else [first], again if isinstance(again, tuple) else [again]):
-        if policy == "train":  # BN in train mode uses batch statistics: the moved running ones play no part
-            torch.testing.assert_close(u, v, rtol=0, atol=0)
-        else:
-            assert torch.equal(u, v)
+        assert torch.equal(u, v)
 
 
 # ------------------------------------------------------------------------ inputs of any form (issue 10)
