@@ -41,9 +41,6 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
 
 
-# -- inputs of any form -------------------------------------------------------------------------------
-
-
 def mse(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean over examples of ½‖f(x) − e_y‖², with e_y the one-hot vector of the integer target y (the squared
     loss of edge-of-stability studies, Cohen et al. 2021). Its Hessian in the outputs is the identity.
@@ -57,6 +54,9 @@ def mse(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 LOSSES = {"cross_entropy": cross_entropy, "mse": mse}  # the built-in trainer's ``train.loss``
+
+
+# -- inputs of any form -------------------------------------------------------------------------------
 
 
 def _call_args(x: Inputs) -> tuple[tuple, dict]:
