@@ -193,3 +193,45 @@ def test_mirror_of_a_run_with_no_rows_yet(tmp_path):
     store = RunStore.create(tmp_path / "run", {"seed": 0})
     assert mirror_to_tensorboard(store.path) == store.path / "tb"
     assert not list((store.path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_mirror_refuses_a_folder_a_live_sink_wrote(tmp_path):
+    from sgdscope.errors import ConfigError
+
+    store = stored_run(tmp_path / "run", (0,))
+    live = TensorBoardSink(store.path / "tb")  # what `sgdscope run --tensorboard` gives a run
+    live.append_many(commit(0))
+    live.close()
+    with pytest.raises(ConfigError, match="twice"):
+        mirror_to_tensorboard(store.path)
+    assert scalars(store.path / "tb") == expected([commit(0)])  # left as it was
+
+
+def test_a_scope_feeds_the_sink_the_rows_it_commits(tmp_path):
+    from torch import nn
+
+    from sgdscope import Scope
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    mse = nn.functional.mse_loss
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scope = Scope(model, mse, (x, y), probes={"eigen": {"every": 2, "k": 2}, "interpolation": {"every": 1, "alphas": 3}},
+                  sinks=[TensorBoardSink(tmp_path)])
+    for _ in range(4):
+        with scope.step(opt):
+            opt.zero_grad()
+            mse(model(x), y).backward()
+            opt.step()
+    scope.close()
+    got = scalars(tmp_path)
+    eigen = scope.table("eigen")
+    for i in (1, 2):
+        rows = eigen[eigen["index"] == i]
+        assert got[f"eigen/value/index={i}"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in zip(rows["step"], rows["value"])]
+    interp = scope.table("interpolation")
+    end = interp[interp["alpha"] == 1.0]
+    assert got["interpolation/loss/alpha=1"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in zip(end["step"], end["loss"])]
+    assert [s for s, _ in got["train/lr"]] == [1, 2, 3, 4]
+    assert not {tag.split("/")[1] for tag in got} & METADATA

@@ -218,7 +218,8 @@ def mirror_to_tensorboard(run_dir: str | Path) -> Path:
     Same tags and metadata rule as :class:`TensorBoardSink`, which writes them. Safe to call repeatedly,
     also on a run that is still writing: each call reads, in one snapshot of ``metrics.db`` opened
     read-only, only the rows committed since the last call. Needs the optional ``tensorboard`` package
-    (ConfigError if absent); a directory that is not a run raises RunStoreError.
+    (ConfigError if absent); a directory that is not a run raises RunStoreError, and one whose ``tb``
+    folder a live :class:`TensorBoardSink` wrote raises ConfigError.
     """
     _summary_writer()
     from sgdscope.store import RunStore, atomic_write_bytes  # the live sink needs no store
@@ -227,6 +228,12 @@ def mirror_to_tensorboard(run_dir: str | Path) -> Path:
     tb = path / "tb"
     state_path = tb / STATE
     state: dict[str, dict[str, Any]] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if not state and any(tb.glob("events.out.tfevents.*")):
+        # events without the mirror's record: a live sink wrote them (``sgdscope run --tensorboard``)
+        raise ConfigError(
+            f"tensorboard: {tb} already holds the events a TensorBoardSink wrote during the run; mirroring "
+            "would show every row twice (delete the folder to mirror the store instead)"
+        )
     if not (path / "metrics.db").is_file():
         return tb
     db = sqlite3.connect(f"{(path / 'metrics.db').resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
