@@ -1,14 +1,19 @@
+import functools
 import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sgdscope.errors import RunStoreError, StoreDamagedError
 from sgdscope.store import RunStore, writer_lock
@@ -316,3 +321,58 @@ def test_check_says_a_live_writer_blocks_a_resume(tmp_path):
     assert rep.healthy and not rep.can_resume and rep.resume == f"PID {os.getpid()} is writing to it now"
     w.close()
     assert RunStore(d).check().can_resume
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+FUZZ = settings(max_examples=int(os.environ.get("SGDSCOPE_FUZZ_EXAMPLES", "60")), deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def _read_everything(run_dir) -> None:
+    """Every read a report makes, and a check: each either works or is a one-line StoreDamagedError."""
+    s = RunStore(run_dir)
+    try:
+        for name in s.tables():
+            s.table(name)
+    except StoreDamagedError as err:
+        assert "\n" not in str(err)
+    finally:
+        s.close()
+    rep = RunStore(run_dir).check()
+    assert isinstance(rep.healthy, bool) and rep.lines()
+
+
+@functools.lru_cache(maxsize=1)
+def _real_db_bytes() -> bytes:
+    """The bytes of a real store's metrics.db, made once (a plain function, not a fixture, so that
+    Hypothesis does not print 90 kB of it with every failing example)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return (_real_db(Path(tmp)) / "metrics.db").read_bytes()
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 2**20), st.binary(min_size=1, max_size=8)), min_size=1, max_size=6),
+       cut=st.none() | st.integers(0, 2**20))
+def test_mutated_metrics_db_gives_rows_or_a_store_error(edits, cut):
+    """A real store with bytes overwritten and maybe cut short: never a raw sqlite3 error."""
+    raw = bytearray(_real_db_bytes())
+    for at, data in edits:
+        at %= len(raw)
+        raw[at:at + len(data)] = data
+    if cut is not None:
+        raw = raw[: cut % (len(raw) + 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        RunStore.create(Path(tmp) / "r", {}).close()
+        (Path(tmp) / "r" / "metrics.db").write_bytes(bytes(raw))
+        _read_everything(Path(tmp) / "r")
+
+
+@FUZZ
+@given(st.binary(max_size=2000) | st.just(b"SQLite format 3\x00") | st.binary(max_size=200).map(
+    lambda b: b"SQLite format 3\x00" + b))
+def test_arbitrary_bytes_as_metrics_db(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        RunStore.create(Path(tmp) / "r", {}).close()
+        (Path(tmp) / "r" / "metrics.db").write_bytes(raw)
+        _read_everything(Path(tmp) / "r")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sqlite3
 import tempfile
 import warnings
@@ -180,6 +181,8 @@ def writer_lock(directory: str | Path) -> Iterator[Path]:
 # a truncated one; a busy or locked database is an OperationalError with other codes and is not damage.
 _DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 _SHORT_READ = 522  # SQLITE_IOERR_SHORT_READ
+# damage that SQLite reports under its generic SQLITE_ERROR code: a header field out of range
+_DAMAGE_MESSAGES = {"unsupported file format"}
 
 
 def _damage_reason(err: BaseException) -> str | None:
@@ -188,7 +191,16 @@ def _damage_reason(err: BaseException) -> str | None:
         code = getattr(err, "sqlite_errorcode", None)
         if isinstance(err, sqlite3.DatabaseError) and code is not None and (code & 0xFF in _DAMAGE_CODES
                                                                            or code == _SHORT_READ):
+            return " ".join(str(err).split())[:200]
+        if isinstance(err, sqlite3.DatabaseError) and str(err) in _DAMAGE_MESSAGES:
             return str(err)
+        # Python's own decoding of a TEXT cell: the store writes only UTF-8, so other bytes are damage
+        # (the message quotes the cell, which may hold anything: only the column is kept)
+        if isinstance(err, sqlite3.OperationalError) and str(err).startswith("Could not decode to UTF-8"):
+            col = re.match(r"Could not decode to UTF-8 column '([^']{0,60})'", str(err))
+            return f"text that is not UTF-8 in column {col.group(1)!r}" if col else "text that is not UTF-8"
+        if isinstance(err, UnicodeDecodeError):  # a garbled schema: even SQLite's message about it is not UTF-8
+            return "text that is not UTF-8 in the schema"
         err = err.__cause__ or err.__context__
     return None
 
