@@ -297,7 +297,7 @@ def test_sigkill_and_injected_crashes_then_resume_equal_uninterrupted(tmp_path):
     assert counts["train"] == CRASH_STEPS and counts["epoch"] == 10
     assert_tables_equal(ref, out)
     a, b = ckpt(ref), ckpt(out)
-    for key in ("model", "optimizer", "schedule", "rng_cpu", "theta0", "stats", "probes", "tracker", "step"):
+    for key in ("model", "optimizer", "schedule", "rng_cpu", "scope", "step"):
         assert_state_equal(a[key], b[key], key)
     assert RunStore(ref).load_tensors("measure_subset")["indices"].equal(RunStore(out).load_tensors("measure_subset")["indices"])
 
@@ -315,7 +315,7 @@ def test_interrupt_at_every_kind_of_step_resumes_exactly(tmp_path, monkeypatch):
     """In-process: KeyboardInterrupt raised inside a probe, inside evaluation, and inside a checkpoint
     save, each followed by resume; tables and state equal those of the uninterrupted run."""
     from sgdscope import train as train_mod
-    from sgdscope.probes.walk import InterpolationProbe
+    from sgdscope.measure.probes.walk import InterpolationProbe
 
     cfg = copy.deepcopy(CRASH_CFG)
     cfg["train"]["epochs"] = 3
@@ -420,7 +420,7 @@ def test_each_probe_restores_mode_buffers_rng_and_grads(policy):
     cfg_raw = tiny(**BN, probes=PROBES, **{"measure.bn_policy": policy})
     from sgdscope.config import validate
     from sgdscope.curvature.flat import get_flat
-    from sgdscope.probes.base import StepInfo
+    from sgdscope.measure.probes import StepInfo
 
     tr = Trainer(validate(cfg_raw), torch.device("cpu"), progress=False)
     model = tr.model
@@ -434,7 +434,7 @@ def test_each_probe_restores_mode_buffers_rng_and_grads(policy):
         for p in model.parameters():
             p.grad = torch.full_like(p, 0.5)
         rng = torch.get_rng_state()
-        for probe in tr.probes:
+        for probe in tr.scope.probes:
             info = StepInfo(step=4, epoch=1, epoch_end=False, lr=0.2, theta_prev=theta - 0.01, grad=torch.ones_like(theta))
             rows = probe.measure(info)
             assert rows and all(len(r) for r in rows.values()), probe.name
@@ -442,7 +442,7 @@ def test_each_probe_restores_mode_buffers_rng_and_grads(policy):
             assert_state_equal(state, dict(model.state_dict()), probe.name)
             assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters()), probe.name
             assert torch.equal(torch.get_rng_state(), rng), probe.name
-            tr.ctx.tracker._cache = None  # make every probe solve again
+            tr.scope.env.tracker._cache = None  # make every probe solve again
 
 
 # ------------------------------------------------------------------------------------------ divergence

@@ -30,7 +30,7 @@ def as_batches(data: Any, batch_size: int, what: str = "measure_data") -> list[B
 
     ``x`` may be a tensor, a tuple of tensors (``model(*x)``) or a dict of tensors (``model(**x)``).
     """
-    if _is_batch(data) and not _is_batch(data[0]):
+    if _is_batch(data):  # (x, y) with a target tensor y; a list of two batches has a pair at [1]
         return split_batches(data[0], data[1], batch_size)
     if isinstance(data, (list, tuple)) and data and all(_is_batch(b) for b in data):
         return [tuple(b) for b in data]
