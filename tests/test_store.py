@@ -376,3 +376,18 @@ def test_arbitrary_bytes_as_metrics_db(raw):
         RunStore.create(Path(tmp) / "r", {}).close()
         (Path(tmp) / "r" / "metrics.db").write_bytes(raw)
         _read_everything(Path(tmp) / "r")
+
+
+def test_zero_length_db_of_a_writer_that_is_starting_is_not_damage(tmp_path):
+    """SQLite makes metrics.db empty and writes its header a moment later; a reader that comes in between,
+    while the writer holds the lock, sees an empty store. The writer itself, and anyone once the lock is
+    free, sees damage."""
+    d = tmp_path / "r"
+    w = RunStore.create(d, {}, writer=True)
+    (d / "metrics.db").write_bytes(b"")
+    assert RunStore(d).tables() == []
+    with pytest.raises(StoreDamagedError, match="zero-length"):
+        w.tables()
+    w.close()
+    with pytest.raises(StoreDamagedError, match="zero-length"):
+        RunStore(d).tables()

@@ -475,9 +475,16 @@ class RunStore:
     def _column_names(self, table: str) -> set[str]:
         return {r[1] for r in self.db.execute(f'PRAGMA table_info("{table}")')}
 
+    def _starting(self) -> bool:
+        """Whether metrics.db is the empty file that SQLite creates a moment before it writes the header, in
+        another process that holds the writer lock: no rows yet, not damage (and a reader must not open it,
+        which would write the header itself)."""
+        db = self.path / DB_FILE
+        return db.stat().st_size == 0 and not self._lock.held and _WriterLock.holder(self.path) is not None
+
     def tables(self) -> list[str]:
         """Names of the tables that hold rows."""
-        if not (self.path / DB_FILE).is_file():
+        if not (self.path / DB_FILE).is_file() or (self._db is None and self._starting()):
             return []
         with self._guard():
             return self._table_names()
