@@ -9,7 +9,6 @@ line between consecutive iterates. Then the HTML report of the run directory.
     python examples/own_cnn.py --small --out /tmp/own_cnn  # seconds: what CI runs
 """
 
-import argparse
 import math
 
 import torch
@@ -17,17 +16,14 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from sgdscope import Scope
-from sgdscope.report import write_report
+
+from common import command_line, summarize  # examples/common.py: the command line and the closing summary
 
 # -----------------------------------------------------------------------------
-# config
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600, or 12 with --small)")
-parser.add_argument("--out", default="runs/own_cnn", help="the run directory the Scope writes")
-parser.add_argument("--small", action="store_true", help="a run of seconds, for CI")
-args = parser.parse_args()
+# config: --steps, --out, --small (see common.py)
+args = command_line(__doc__, "own_cnn", steps=600, small_steps=12)
 small = args.small
-steps = args.steps or (12 if small else 600)
+steps = args.steps
 batch_size = 64
 learning_rate = 1e-3
 measure_size = 128 if small else 1000  # the fixed subset every measurement uses
@@ -69,7 +65,7 @@ optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
 # -----------------------------------------------------------------------------
 # the Scope: which measurements, how often; rows go to the run directory `out`
 scope = Scope(
-    model, loss_fn, measure_data, out=args.out, seed=seed,
+    model, loss_fn, measure_data, out=args.out, seed=seed, batch_size=batch_size,  # batch_size: of the drawn gradients
     probes={
         "eigen": {"every": every, "k": 2 if small else 5},  # top Hessian eigenpairs, warm-started
         "direction": {"every": every, "eigen_indices": [1], "n_grads": 2 if small else 10},  # loss along e1
@@ -116,8 +112,5 @@ for step in range(steps):
 scope.close()
 
 # -----------------------------------------------------------------------------
-# what was measured
-eigen = scope.table("eigen")
-top = eigen[eigen["index"] == 1]
-print(f"lambda_1 from {top['value'].iloc[0]:.3g} at step 0 to {top['value'].iloc[-1]:.3g} at step {top['step'].iloc[-1]}")
-print(f"report: {write_report(scope.path)}")
+# what was measured, and the report
+summarize(scope)

@@ -11,25 +11,20 @@ HTML report.
     python examples/own_lm.py --small --out /tmp/own_lm  # seconds: what CI runs
 """
 
-import argparse
 import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from sgdscope import Scope
-from sgdscope.report import write_report
+
+from common import command_line, summarize  # examples/common.py: the command line and the closing summary
 
 # -----------------------------------------------------------------------------
-# config
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400, or 10 with --small)")
-parser.add_argument("--out", default="runs/own_lm", help="the run directory the Scope writes")
-parser.add_argument("--small", action="store_true", help="a run of seconds, for CI")
-args = parser.parse_args()
+# config: --steps, --out, --small (see common.py)
+args = command_line(__doc__, "own_lm", steps=400, small_steps=10)
 small = args.small
-steps = args.steps or (10 if small else 400)
+steps = args.steps
 vocab_size = 20
 pad = vocab_size  # an extra input token for the padding; no target is ever `pad`
 ignore = -100  # the target of a padded position
@@ -37,7 +32,8 @@ block_size = 16  # the longest sequence
 n_embd, n_head = (16, 2) if small else (32, 4)
 batch_size = 32
 learning_rate = 3e-3
-every = 5 if small else 40  # steps between curvature measurements
+zoom = 3 if small else 20  # steps measured one by one at the start
+n_grads = 2 if small else 10  # minibatch gradients each expectation over SGD's steps averages
 seed = 0
 torch.manual_seed(seed)
 
@@ -112,12 +108,16 @@ optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
 # -----------------------------------------------------------------------------
 # the Scope: which measurements, how often; rows go to the run directory `out`
 scope = Scope(
-    model, loss_fn, measure_data, out=args.out, seed=seed,
+    model, loss_fn, measure_data, out=args.out, seed=seed, batch_size=batch_size,  # batch_size: of the drawn gradients
     probes={
-        "eigen": {"every": every, "k": 2 if small else 5},  # top Hessian eigenpairs, warm-started
-        "direction": {"every": every, "eigen_indices": [1], "n_grads": 2 if small else 10},  # loss along e1
-        "alpha_step": {"every": every, "eigen_indices": [1], "n_grads": 2 if small else 10},  # θ − αη·g along e1
-        "interpolation": {"every": 1, "epochs": [1, math.ceil(steps / steps_per_epoch)], "alphas": 5 if small else 10},
+        # the top eigenpairs at each of the first `zoom` steps, where they move fastest, then at epoch ends
+        "eigen": {"every": "epoch", "first_steps": zoom, "k": 2 if small else 4},
+        # the loss at θ + k·(typical SGD step)·e_i along e1 and e2, and the smallest k that raises it 1% / 10%
+        "direction": {"every": "epoch", "eigen_indices": [1, 2], "ks": [-4, -2, -1, 0, 1, 2, 4], "n_grads": n_grads},
+        # E[L(θ − αη·g_e1)] − L(θ): the step's component along e1 (and a random direction), scaled by α
+        "alpha_step": {"every": "epoch", "alphas": [0.5, 1, 2], "n_grads": n_grads},
+        # the loss on the segment θ_t → θ_t+1 at every step of every epoch, over the measurement set
+        "interpolation": {"every": 1, "epochs": None, "subset": "measure"},
     },
 )
 
@@ -160,8 +160,5 @@ for step in range(steps):
 scope.close()
 
 # -----------------------------------------------------------------------------
-# what was measured
-eigen = scope.table("eigen")
-top = eigen[eigen["index"] == 1]
-print(f"lambda_1 from {top['value'].iloc[0]:.3g} at step 0 to {top['value'].iloc[-1]:.3g} at step {top['step'].iloc[-1]}")
-print(f"report: {write_report(scope.path)}")
+# what was measured, and the report
+summarize(scope)
