@@ -128,6 +128,20 @@ def test_a_given_loss_and_submodule_and_a_module_without_loss_fn():
     assert sorted(set(cb.scope.table("eigen")["step"])) == [0, 5]
 
 
+def test_without_lightning_the_module_imports_and_the_callback_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('lightning', 'lightning.pytorch', 'pytorch_lightning'): sys.modules[m] = None\n"
+            "from sgdscope.errors import ConfigError\n"
+            "from sgdscope.integrations.lightning import ScopeCallback\n"
+            "try:\n    ScopeCallback(([0], [0]))\nexcept ConfigError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "pip install 'sgdscope[lightning]'" in res.stdout
+
+
 def test_bad_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="measure_data"):
         ScopeCallback()
@@ -138,13 +152,38 @@ def test_bad_arguments_are_config_errors():
 
 
 def test_a_fit_resumed_from_a_lightning_checkpoint_goes_on_measuring_where_it_stopped(tmp_path):
-    probes = {"eigen": {"every": 2, "k": 1}}
-    first = ScopeCallback(measure_set(), probes=probes)
+    from sgdscope.store import RunStore
+
+    out, probes = tmp_path / "lit", {"eigen": {"every": 2, "k": 1}}
+    first = ScopeCallback(measure_set(), out=out, probes=probes)
     fit([first], save=tmp_path / "epoch1.ckpt")
     assert first.scope.table("train")["step"].tolist() == [1, 2, 3, 4, 5]
-    again = ScopeCallback(measure_set(), probes=probes, resume=True)
+    again = ScopeCallback(measure_set(), out=out, probes=probes, resume=True)
     fit([again], epochs=2, ckpt=tmp_path / "epoch1.ckpt")
-    # the step count, the epoch count and the schedule came through the checkpoint: epoch 2 only, numbered on
-    assert again.scope.table("train")["step"].tolist() == [6, 7, 8, 9, 10]
-    assert sorted(set(again.scope.table("eigen")["step"])) == [6, 8, 10]
-    assert again.scope.table("epoch")[["epoch", "step"]].values.tolist() == [[2, 10]]
+    # the step count, the epoch count and the schedule came through the checkpoint: the run directory
+    # holds each step once, numbered on, and the second epoch's row
+    store = RunStore(out)
+    assert store.status()["state"] == "done"
+    assert store.table("train")["step"].tolist() == list(range(1, 11))
+    assert sorted(set(store.table("eigen")["step"])) == [0, 2, 4, 6, 8, 10]
+    assert store.table("epoch")[["epoch", "step"]].values.tolist() == [[1, 5], [2, 10]]
+    store.close()
+
+
+def test_a_fit_that_fails_leaves_a_failed_run_with_the_steps_done(tmp_path):
+    from sgdscope.store import RunStore
+
+    class Breaks(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                raise RuntimeError("diverged on purpose")
+            return super().training_step(batch, batch_idx)
+
+    cb = ScopeCallback(measure_set(), out=tmp_path / "lit", probes={"interpolation": {"every": 1, "alphas": 2}})
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fit([cb], module=Breaks)
+    store = RunStore(tmp_path / "lit")
+    assert store.status()["state"] == "failed"
+    assert store.table("train")["step"].tolist() == [1, 2, 3]  # the broken step measured nothing
+    assert sorted(set(store.table("interpolation")["step"])) == [0, 1, 2]
+    store.close()

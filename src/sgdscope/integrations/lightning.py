@@ -29,21 +29,24 @@ Only single-process training is measured: one Scope writes one run directory.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from torch import Tensor, nn
 
 from sgdscope.errors import ConfigError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning.pytorch import LightningModule, Trainer
+
+# Without Lightning the module still imports (so that collecting the package's doctests needs no
+# extra), and making a ScopeCallback says what to install.
 try:
-    from lightning.pytorch import Callback, LightningModule, Trainer
-except ImportError:  # the same classes under the older package name
+    from lightning.pytorch import Callback as _Base
+except ImportError:  # the same class under the older package name
     try:
-        from pytorch_lightning import Callback, LightningModule, Trainer
+        from pytorch_lightning import Callback as _Base
     except ImportError:
-        raise ConfigError(
-            "integrations.lightning: needs PyTorch Lightning: pip install 'sgdscope[lightning]'"
-        ) from None
+        _Base = None
 
 # Columns of the epoch row that the Scope writes itself; a logged metric of that name is not copied.
 _EPOCH_OWN = ("epoch", "step", "logged_at")
@@ -72,11 +75,11 @@ def _loss(outputs: Any) -> Optional[float]:
     return float(loss.detach()) if isinstance(loss, Tensor) and loss.numel() == 1 else None
 
 
-class ScopeCallback(Callback):
+class ScopeCallback(_Base or object):
     """Drives a :class:`sgdscope.Scope` from a LightningModule's training loop.
 
-    Either give a ready ``scope`` built on the module (``ScopeCallback(scope=Scope(module, ...))``), or let
-    the callback build one when training starts, on the module as Lightning has placed it:
+    Either give a ready :class:`sgdscope.Scope` built on the module (``ScopeCallback(scope=Scope(module,
+    ...))``), or let the callback build one when training starts, on the module as Lightning has placed it:
 
     Arguments:
       measure_data: the Scope's fixed measurement set (an ``(x, y)`` pair or a list of batches).
@@ -102,6 +105,8 @@ class ScopeCallback(Callback):
         epoch_metrics: bool = True,
         **scope_kwargs: Any,
     ) -> None:
+        if _Base is None:
+            raise ConfigError("ScopeCallback: needs PyTorch Lightning: pip install 'sgdscope[lightning]'")
         if scope is not None and (measure_data is not None or loss_fn is not None or model_attr or scope_kwargs):
             raise ConfigError("ScopeCallback: give either a built scope or what to build one from, not both")
         if scope is None and measure_data is None:
@@ -188,10 +193,10 @@ class ScopeCallback(Callback):
             self.scope.close()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # the rows committed so far stay; closing releases the run directory for a resume
+        # the rows committed so far stay; closing records how the run ended and releases its directory
         self._abandon()
         if self.scope is not None:
-            self.scope.close()
+            self.scope.close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
 
     # ---------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
