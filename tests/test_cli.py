@@ -737,3 +737,29 @@ def test_subprocess_bad_inputs_exit_2_with_one_line(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "weights_only=True" in _one_error_line(p.stderr) and p.stdout == ""
     assert not (tmp_path / "out").exists() and not marker.exists()
+
+
+def test_subprocess_second_writer_and_check_exit_2(tmp_path, finished_run):
+    """The real entry point, with the lock held by another process (this one): --resume exits 2 naming our
+    PID and writes nothing; `check` of a damaged store exits 2 with one stderr line, its findings on stdout."""
+    from sgdscope.store import RunStore
+
+    fin, cfg = finished_run
+    d = _copy_run(fin, tmp_path / "d")
+    st = json.loads((d / "status.json").read_text())
+    st["state"] = "interrupted"
+    (d / "status.json").write_text(json.dumps(st))
+    before = _snapshot(d)
+    holder = RunStore(d)
+    holder.acquire_writer()
+    try:
+        p = _cli(["run", cfg, "--out", d, "--resume"])
+    finally:
+        holder.close()
+    assert p.returncode == 2, p.stderr
+    assert f"another sgdscope process (PID {os.getpid()})" in _one_error_line(p.stderr) and p.stdout == ""
+    assert _snapshot(d) == before
+    _damage_db(d, "truncated")
+    p = _cli(["check", d])
+    assert p.returncode == 2 and "the store is damaged: metrics.db: truncated" in _one_error_line(p.stderr)
+    assert "verdict: damaged" in p.stdout
