@@ -125,6 +125,22 @@ def test_existing_dir_without_resume_is_refused(tmp_path):
         run(tiny(), tmp_path / "r", progress=False)
 
 
+def test_finite_divergence_fails_like_nan(tmp_path):
+    """A loss that explodes without overflowing (issue: lr 1e6 once ended 'done' at a loss of 5.8e24) fails
+    once it passes train.divergence_factor × the first loss; turning the bound off lets it run to the end."""
+    cfg = tiny(**{"optimizer.lr": 50.0, "train.epochs": 3, "optimizer.batch_size": 216})
+    with pytest.raises(DivergenceError, match=r"past the divergence bound .*1000 × the first loss.*at step \d+, lr 50"):
+        run(cfg, tmp_path / "a", progress=False)
+    st = RunStore(tmp_path / "a").status()
+    assert st["state"] == "failed" and "divergence bound" in st["error"]
+    losses = RunStore(tmp_path / "a").table("train")["batch_loss"]
+    assert losses.max() <= 1000 * max(losses.iloc[0], 1.0)  # no committed row is past the bound
+    free = run(tiny(**{"optimizer.lr": 50.0, "train.epochs": 3, "optimizer.batch_size": 216,
+                       "train.divergence_factor": None}), tmp_path / "b", progress=False)
+    b = RunStore(free).table("train")["batch_loss"]
+    assert RunStore(free).status()["state"] == "done" and b.max() > 1000 * max(b.iloc[0], 1.0)
+
+
 def test_divergence_stops_cleanly(tmp_path):
     with pytest.raises(DivergenceError, match=r"became .* at step \d+, lr 1e\+06"):
         run(tiny(**{"optimizer.lr": 1e6, "train.epochs": 3}), tmp_path / "r", progress=False)

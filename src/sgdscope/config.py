@@ -118,6 +118,8 @@ class ScheduleConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(10, gt=0)
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"  # mse: ½‖f(x) − onehot(y)‖², as edge-of-stability studies use
+    # diverged once the batch loss passes factor·max(first loss, 1) or ‖θ‖ passes factor·max(‖θ_0‖, 1); null: never
+    divergence_factor: Optional[float] = Field(1e3, gt=1)
     epoch_size: Optional[int] = Field(None, gt=0)  # examples per "epoch" (the papers' zoom)
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_every: Every = "epoch"

@@ -82,6 +82,8 @@ class Trainer:
         self.step, self.epoch, self.best_val_acc = 0, 0, -1.0
         self.val_history: list[float] = []  # early stopping reads this, never the store
         self.nan_streak = 0  # on_nan: skip: consecutive skipped steps
+        self.first_loss: Optional[float] = None  # the divergence bound's reference (train.divergence_factor)
+        self.theta0_norm = float(get_flat(self.model).norm())
 
     def attach(self, store, *extra_sinks) -> None:
         """Give the trainer its run directory (after every input was validated)."""
@@ -155,6 +157,11 @@ class Trainer:
                 self.noise.add_(self.params, self.scope.env.generator("isotropic-noise", step))
             grad = rec.grad()
             if math.isfinite(loss) and bool(torch.isfinite(grad).all()):
+                # checked on θ_t before its update, as a NaN is: the rows of every step before stay
+                self._check_bound("loss", loss, self.first_loss, "the first loss", step, lr)
+                norm = float(torch.sqrt(sum((p.detach() ** 2).sum() for p in self.params)))
+                self._check_bound("parameter norm", norm, self.theta0_norm, "the initial norm", step, lr)
+                self.first_loss = loss if self.first_loss is None else self.first_loss
                 self._refresh_subspace(step)
                 self.optimizer.step()
                 self.nan_streak = 0
@@ -171,6 +178,16 @@ class Trainer:
                 ev = self.evaluate_epoch()
                 rec.record_epoch(**ev)
         return ev
+
+    def _check_bound(self, what: str, value: float, ref: Optional[float], ref_name: str, step: int, lr: float) -> None:
+        """A finite but exploding run fails like a NaN one: ``value`` > factor·max(ref, 1) is divergence."""
+        factor = self.cfg.train.divergence_factor
+        if factor is None or ref is None:
+            return
+        bound = factor * max(ref, 1.0)
+        if not value <= bound:  # NaN counts as past it
+            raise DivergenceError(f"{what} became {value:.3g}, past the divergence bound {bound:.3g} "
+                                  f"({factor:g} × {ref_name}), at step {step + 1}, lr {lr:g}")
 
     def _skip_step(self, rec: StepRecord, step: int, lr: float, reason: str) -> None:
         """``on_nan: skip``: drop the update of a step whose loss or gradient is non-finite (θ_{t+1} = θ_t,
@@ -225,7 +242,7 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "scope": self.scope.state_dict(),
             "noise": self.noise.state_dict() if self.noise is not None else {},
-            "nan_streak": self.nan_streak,
+            "nan_streak": self.nan_streak, "first_loss": self.first_loss,
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> None:
@@ -244,6 +261,7 @@ class Trainer:
         if self.noise is not None:
             self.noise.load_state_dict(state["noise"])
         self.nan_streak = state.get("nan_streak", 0)
+        self.first_loss = state["first_loss"]
 
     def _checkpoint_due(self, epoch_end: bool) -> bool:
         every = self.cfg.train.checkpoint_every
