@@ -203,7 +203,7 @@ def test_jastrzebski_table1_known_answers(tmp_path):
     assert row["test acc"] == pytest.approx(0.9 - 0.03)
     assert row["dist. best-val"] == pytest.approx(0.1 * 30 ** 0.5 * 1.1)  # train.param_distance at step 30
     assert row["ρ(W)"] == pytest.approx(4.0)
-    assert row["val acc @50"] == pytest.approx(0.6)  # fewer than 50 epochs: the last
+    assert row["val acc @ epoch 12"] == pytest.approx(0.6)  # fewer than 50 epochs: the last, and the label says so
     assert row["loss last-10"] == pytest.approx(np.mean([2.3 * math.exp(-e / 2) for e in range(3, 13)]))
     frob = lambda t: math.sqrt(sum((lam1(t, 0.1) / i) ** 2 for i in (1, 2, 3)))  # noqa: E731
     assert row["‖H‖_F best-val"] == pytest.approx(frob(30))
@@ -216,7 +216,7 @@ def test_jastrzebski_table1_known_answers(tmp_path):
 def test_jastrzebski_val_acc_at_epoch_50(tmp_path):
     accs = [0.1] * 49 + [0.42] + [0.2] * 5
     s = synthetic_run(tmp_path / "r", epochs=55, val_accs=accs, full=False)
-    assert tables.jastrzebski_table1({"a": s}).loc["a", "val acc @50"] == pytest.approx(0.42)
+    assert tables.jastrzebski_table1({"a": s}).loc["a", "val acc @ epoch 50"] == pytest.approx(0.42)
 
 
 def test_xing_tables_count_what_was_put_in(sweep_dir, tmp_path):

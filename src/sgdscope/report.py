@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from sgdscope import tables
-from sgdscope.plots import FIGURES, draw, run_figures, sweep_figures
+from sgdscope.plots import FIGURES, draw, run_figures, skipped_run_figures, sweep_figures
 from sgdscope.store import RunStore
 from sgdscope.sweepview import SweepView, is_sweep, open_sweep, symbol
 
@@ -165,10 +165,32 @@ def _count(n: Any) -> str:
 # ---------------------------------------------------------------------------------------------- a run
 
 
-def _facts(cfg: dict[str, Any], status: dict[str, Any]) -> str:
-    res, data, model = cfg.get("resolved") or {}, cfg.get("data") or {}, cfg.get("model") or {}
-    opt, sched, train = cfg.get("optimizer") or {}, cfg.get("schedule") or {}, cfg.get("train") or {}
+def _dl(items: list[tuple[str, str]], cfg: dict[str, Any]) -> str:
+    """A facts list of ``items`` followed by where the run ran: seed, device and versions."""
     ver = cfg.get("versions") or {}
+    items = items + [("seed · device", f"{cfg.get('seed', '?')} · {ver.get('device', cfg.get('device', '?'))}"),
+                     ("versions", f"sgdscope {ver.get('sgdscope', '?')} · torch {ver.get('torch', '?')}")]
+    return '<dl class="facts">' + "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in items) + "</dl>"
+
+
+def _skipped(why: dict[str, str]) -> str:
+    """The figures a run has no data for, each with the table or column it needs and what writes it."""
+    if not why:
+        return ""
+    items = "".join(f"<li><b>{_e(_TITLES.get(n, n))}</b> (<code>{_e(n)}</code>): {_e(w)}</li>" for n, w in why.items())
+    return f'<div class="card caption">Not drawn, for want of data:<ul>{items}</ul></div>'
+
+
+def _facts(cfg: dict[str, Any], status: dict[str, Any]) -> str:
+    res = cfg.get("resolved") or {}
+    if not any(k in cfg for k in ("data", "model", "optimizer")):  # a user's own loop: what its config records
+        return _dl([("source", "your own training loop, measured by sgdscope.Scope" if cfg.get("source") == "scope"
+                     else str(cfg.get("source", "a config without data, model or optimizer sections"))),
+                    ("probes", ", ".join(cfg.get("probes") or {}) or "none"),
+                    ("model", f"{_count(res.get('n_params'))} parameters"),
+                    ("now at", f"step {status.get('step', '?')}")], cfg)
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    opt, sched, train = cfg.get("optimizer") or {}, cfg.get("schedule") or {}, cfg.get("train") or {}
     arch = model.get("name", "?") + (f" {model['widths']}" if model.get("name") == "mlp" and model.get("widths") else "")
     arch += " + BatchNorm" if model.get("batchnorm") else ""
     optim = f"{opt.get('name', '?')}, η = {opt.get('lr', '?')}"
@@ -188,17 +210,15 @@ def _facts(cfg: dict[str, Any], status: dict[str, Any]) -> str:
         ("schedule", sched.get("name", "constant")),
         ("training", f"{train.get('epochs', '?')} epochs × {_count(res.get('steps_per_epoch'))} steps; now at "
                      f"step {status.get('step', '?')}"),
-        ("seed · device", f"{cfg.get('seed', '?')} · {ver.get('device', cfg.get('device', '?'))}"),
-        ("versions", f"sgdscope {ver.get('sgdscope', '?')} · torch {ver.get('torch', '?')}"),
     ]
-    return '<dl class="facts">' + "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in items) + "</dl>"
+    return _dl(items, cfg)
 
 
 def _measurement_note(cfg: dict[str, Any]) -> str:
     res, meas = cfg.get("resolved") or {}, cfg.get("measure") or {}
     probes = cfg.get("probes") or {}
     policy = res.get("bn_policy") or meas.get("bn_policy", "train-restore")
-    m, n = res.get("measure_subset_size"), res.get("n_train")
+    m, n = res.get("measure_subset_size", meas.get("subset_size")), res.get("n_train")
     share = f" ({m / n:.0%} of {n:,})" if isinstance(m, int) and isinstance(n, int) and n else ""
     l2 = "yes" if res.get("l2_in_measurements") else "no"
     parts = [
@@ -209,7 +229,7 @@ def _measurement_note(cfg: dict[str, Any]) -> str:
         f"<p><b>L2 term in measured losses and Hessians:</b> {l2}.</p>",
     ]
     interp = probes.get("interpolation")
-    if interp:
+    if isinstance(interp, dict):
         where = "the whole training set" if interp.get("subset", "full") == "full" else "the measurement subset"
         parts.append(f"<p><b>Interpolation</b> losses (the walk) are computed on {where}, "
                      f"height measured from the <code>{_e(interp.get('height', 'start'))}</code> iterate.</p>")
@@ -249,6 +269,7 @@ def run_report(store: RunStore, up: Optional[str] = None) -> Path:
     cfg, status = store.config(), store.status()
     state = status.get("state", "?")
     names = run_figures(store)
+    skipped = skipped_run_figures(store)
     summary = tables.run_summary(store)
     back = f'<a href="{_e(up)}">← sweep</a> · ' if up else ""
     hero = (f'<div class="kicker">{back}sgdscope run report</div><h1>{_e(store.path.name)}</h1>'
@@ -263,6 +284,7 @@ def run_report(store: RunStore, up: Optional[str] = None) -> Path:
         _tiles(summary) or '<div class="card caption">No rows yet.</div>',
         '<h2 id="figures">Figures</h2>',
         _figure_cards(names, store, store.path / "figures") or '<div class="card caption">No figure has data yet.</div>',
+        _skipped(skipped),
         f'<h2 id="numbers">All summary numbers</h2><div class="card">{_summary_table(summary)}</div>' if len(summary)
         else "",
         '<h2 id="config">Configuration</h2><div class="card"><details open><summary>config.yaml (resolved)</summary>'
@@ -290,10 +312,14 @@ def _runs_table(view: SweepView) -> tuple[pd.DataFrame, dict[str, str]]:
             st = m.store.status()
             row["status"] = st.get("state", "?")
             ep = m.store.table("epoch")
-            if len(ep):
-                best = tables.best_val_row(ep)
-                row.update({"epochs": int(ep["epoch"].iloc[-1]), "train loss": float(ep["train_loss"].iloc[-1]),
-                            "best val acc": float(best["val_acc"]), "test acc @best": float(best["test_acc"])})
+            best = tables.best_val_row(ep)
+            if tables.has(ep, "epoch"):
+                row["epochs"] = tables.last_epoch(ep)
+            if tables.has(ep, "train_loss"):
+                row["train loss"] = float(ep["train_loss"].iloc[-1])
+            if best is not None:
+                row["best val acc"] = float(best["val_acc"])
+                row["test acc @best"] = tables.cell(best, "test_acc")
             pk = tables.peak_lambda(m.store)
             if not math.isnan(pk["peak"]):
                 row["peak λ₁"] = pk["peak"]
@@ -315,7 +341,8 @@ def _sweep_tables(view: SweepView) -> str:
     if has("curvature") and has("epoch"):
         made.append(("jastrzebski_table1", "Jastrzebski et al., Table 1", tables.jastrzebski_table1(runs),
                      "‖H‖_F (top-K, 5-point smoothed) at the best-validation epoch / mean over the last 10 epochs; "
-                     "test accuracy at the best-validation epoch; validation accuracy at epoch 50 (or the last); "
+                     "test accuracy at the best-validation epoch; validation accuracy at epoch 50 (a shorter run: at "
+                     "its last epoch, which the column names); "
                      "mean training loss over the last 10 epochs; ‖θ−θ₀‖ and ρ(W) at the best-validation epoch."))
     if has("valley"):
         made.append(("xing_table1_barriers", "Xing et al., Table 1: barriers crossed per epoch",

@@ -43,6 +43,12 @@ class TimeAxis:
         return np.asarray(step, dtype=float) / self.steps_per_epoch if self.steps_per_epoch else np.asarray(step, dtype=float)
 
 
+def has(df: pd.DataFrame, *columns: str) -> bool:
+    """Whether ``df`` has rows and every one of ``columns`` (a run from a user's own loop may hold any
+    subset of a table's columns, so every reader asks before it reads)."""
+    return bool(len(df)) and all(c in df for c in columns)
+
+
 def time_axis(store: RunStore) -> TimeAxis:
     """The run's time axis: ``resolved.steps_per_epoch`` from its config, or inferred from its epoch table."""
     spe = (store.config().get("resolved") or {}).get("steps_per_epoch")
@@ -92,22 +98,33 @@ def as_runs(runs: Runs) -> dict[str, RunStore]:
 
 def _nearest(df: pd.DataFrame, step: float, col: str) -> float:
     """``col`` at the row whose step is nearest to ``step`` (the earlier one on a tie); NaN if none."""
-    if not len(df) or col not in df:
+    if not has(df, "step", col):
         return math.nan
     i = (df["step"] - step).abs().to_numpy().argmin()
     return float(df[col].iloc[i])
 
 
-def best_val_row(epochs: pd.DataFrame) -> pd.Series:
-    """The epoch row with the highest validation accuracy (the first such epoch on a tie)."""
+def best_val_row(epochs: pd.DataFrame) -> pd.Series | None:
+    """The epoch row with the highest validation accuracy (the first such epoch on a tie); None when the
+    table has no ``val_acc`` values (a user's own ``epoch`` rows need not have one)."""
+    if not has(epochs, "val_acc") or not epochs["val_acc"].notna().any():
+        return None
     return epochs.loc[epochs["val_acc"].idxmax()]
 
 
+def last_epoch(epochs: pd.DataFrame) -> int | None:
+    """The number of the last logged epoch (None without an ``epoch`` column)."""
+    if not has(epochs, "epoch") or not epochs["epoch"].notna().any():
+        return None
+    return int(epochs["epoch"].max())
+
+
 def lambda1(store: RunStore) -> pd.DataFrame:
-    """λ₁ per measured step: columns ``step``, ``value`` (empty when the run has no eigen rows)."""
+    """λ₁ per measured step: columns ``step``, ``value`` (empty when the run has no eigen rows, or rows
+    without the step, index or value columns)."""
     eig = store.table("eigen")
-    if not len(eig):
-        return eig
+    if not has(eig, "step", "index", "value"):
+        return pd.DataFrame(columns=["step", "value"])
     return eig[eig["index"] == 1].groupby("step", as_index=False)["value"].mean()
 
 
@@ -119,9 +136,9 @@ def peak_lambda(store: RunStore, window: int = SMOOTH) -> dict[str, float]:
     """
     lam = lambda1(store)
     keys = ("peak", "peak_step", "peak_epoch", "t90_step", "t90_epoch", "raw_max", "final")
-    if not len(lam):
-        return dict.fromkeys(keys, math.nan)
     s = smooth(lam["value"], window)
+    if not np.isfinite(s).any():  # no rows, or only non-finite values: there is no peak to read
+        return dict.fromkeys(keys, math.nan)
     steps = lam["step"].to_numpy(dtype=float)
     i = int(np.nanargmax(s))
     j = int(np.argmax(s >= 0.9 * s[i])) if s[i] > 0 else i
@@ -133,41 +150,50 @@ def peak_lambda(store: RunStore, window: int = SMOOTH) -> dict[str, float]:
 def mean_cosine(store: RunStore) -> float:
     """Mean cosine of consecutive minibatch gradients over the run (Xing Fig. 4)."""
     tr = store.table("train")
-    return float(tr["grad_cosine_prev"].mean()) if len(tr) and "grad_cosine_prev" in tr else math.nan
+    return float(tr["grad_cosine_prev"].mean()) if has(tr, "grad_cosine_prev") else math.nan
 
 
 def final_distance(store: RunStore) -> float:
     """‖θ − θ₀‖ at the last logged step."""
     tr = store.table("train")
-    return float(tr["param_distance"].iloc[-1]) if len(tr) and "param_distance" in tr else math.nan
+    d = tr["param_distance"].dropna() if has(tr, "param_distance") else ()
+    return float(d.iloc[-1]) if len(d) else math.nan
 
 
 # --------------------------------------------------------------------------------- Jastrzebski Table 1
 
 
+def cell(row: pd.Series | None, col: str) -> float:
+    """``row[col]`` as a float, NaN where the row or the column is missing."""
+    return float(row[col]) if row is not None and col in row and pd.notna(row[col]) else math.nan
+
+
 def _table1_row(store: RunStore, window: int) -> dict[str, float]:
+    """One run's row of Table 1; columns the run's tables cannot give are NaN, never an error."""
     ep = store.table("epoch")
-    if not len(ep):
+    if not has(ep, "epoch"):
         return {}
     best = best_val_row(ep)
-    at50 = ep[ep["epoch"] == 50]
-    val50 = (at50 if len(at50) else ep.tail(1))["val_acc"].iloc[0]
+    row: dict[str, float] = {"best-val epoch": int(best["epoch"]) if best is not None else math.nan}
     curv = store.table("curvature")
     frob_best = frob_last = math.nan
-    if len(curv):
+    if has(curv, "step", "frobenius_topk"):
         curv = curv.assign(frob=smooth(curv["frobenius_topk"], window))
-        frob_best = _nearest(curv, best["step"], "frob")
-        frob_last = float(curv.loc[curv["epoch"] > ep["epoch"].max() - 10, "frob"].mean())
-    return {
-        "best-val epoch": int(best["epoch"]),
-        "‖H‖_F best-val": frob_best,
-        "‖H‖_F last-10": frob_last,
-        "test acc": float(best["test_acc"]),
-        "val acc @50": float(val50),
-        "loss last-10": float(ep["train_loss"].tail(10).mean()),
-        "dist. best-val": _nearest(store.table("train"), best["step"], "param_distance"),
-        "ρ(W)": float(best["weight_spectral_norm_mean"]),
-    }
+        if best is not None and "step" in best:
+            frob_best = _nearest(curv, best["step"], "frob")
+        if "epoch" in curv:
+            frob_last = float(curv.loc[curv["epoch"] > ep["epoch"].max() - 10, "frob"].mean())
+    row.update({"‖H‖_F best-val": frob_best, "‖H‖_F last-10": frob_last, "test acc": cell(best, "test_acc")})
+    if has(ep, "val_acc"):
+        # The paper reads epoch 50; a shorter run is read at its last epoch and the label says which.
+        at50 = ep[ep["epoch"] == 50]
+        used = (at50 if len(at50) else ep.tail(1)).iloc[0]
+        row[f"val acc @ epoch {int(used['epoch'])}"] = cell(used, "val_acc")
+    row["loss last-10"] = float(ep["train_loss"].tail(10).mean()) if "train_loss" in ep else math.nan
+    row["dist. best-val"] = (_nearest(store.table("train"), best["step"], "param_distance")
+                             if best is not None and "step" in best else math.nan)
+    row["ρ(W)"] = cell(best, "weight_spectral_norm_mean")
+    return row
 
 
 def jastrzebski_table1(runs: Runs, window: int = SMOOTH) -> pd.DataFrame:
@@ -175,12 +201,20 @@ def jastrzebski_table1(runs: Runs, window: int = SMOOTH) -> pd.DataFrame:
 
     Columns: the best-validation epoch; ‖H‖_F (√Σ top-K λ², ``window``-point smoothed as in the authors'
     code) at that epoch and its mean over the last 10 epochs; test accuracy at the best-validation epoch;
-    validation accuracy at epoch 50 (the last epoch if the run is shorter); mean training loss over the
+    validation accuracy at epoch 50, in a column named ``val acc @ epoch 50`` (a shorter run: at its last
+    epoch N, in ``val acc @ epoch N``, so the label says what was read); mean training loss over the
     last 10 epochs; ‖θ − θ₀‖ at the best-validation epoch; mean spectral norm of the weight matrices
     ρ(W) at the best-validation epoch (the paper evaluates its best-validation checkpoint).
     """
     rows = {label: _table1_row(store, window) for label, store in as_runs(runs).items()}
-    df = pd.DataFrame.from_dict({k: v for k, v in rows.items() if v}, orient="index")
+    rows = {k: v for k, v in rows.items() if v}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    # Runs of different lengths give different "val acc @ epoch N" columns: keep them next to each other.
+    val = sorted((c for c in df.columns if c.startswith("val acc @ epoch ")), key=lambda c: int(c.rsplit(" ", 1)[1]))
+    if val:
+        at = min(list(df.columns).index(c) for c in val)
+        rest = [c for c in df.columns if c not in val]
+        df = df[rest[:at] + val + rest[at:]]
     df.index.name = "run"
     return df
 
@@ -192,7 +226,7 @@ def _per_epoch(runs: Runs, column: str, how: str) -> pd.DataFrame:
     rows = {}
     for label, store in as_runs(runs).items():
         v = store.table("valley")
-        if len(v):
+        if has(v, "epoch", column):  # rows without an epoch column cannot be put in a per-epoch table
             rows[label] = v.groupby("epoch")[column].agg(how)
     df = pd.DataFrame.from_dict(rows, orient="index")
     if len(df):
@@ -226,59 +260,81 @@ def run_summary(store: RunStore, last: int = LAST_POINTS) -> pd.DataFrame:
     """The headline numbers of a run as rows of (section, quantity, value, detail).
 
     Sections present depend on the run's tables: training, curvature (peak λ₁ and when, η·λ₁ against 2),
-    k_min and α-step (means over the last ``last`` logged points), and the walk (barriers, heights).
+    k_min and α-step (means over the last ``last`` logged points), and the walk (barriers, heights). A row
+    whose table or column the run lacks is left out, so a run from a user's own loop with a handful of
+    columns gets the rows it has the data for and no error.
     """
     rows: list[tuple[str, str, float, str]] = []
     ep, tr = store.table("epoch"), store.table("train")
-    if len(ep):
-        last_ep, best = ep.iloc[-1], best_val_row(ep)
-        rows += [
-            ("training", "final train loss", float(last_ep["train_loss"]), f"epoch {int(last_ep['epoch'])}"),
-            ("training", "final val accuracy", float(last_ep["val_acc"]), f"epoch {int(last_ep['epoch'])}"),
-            ("training", "best val accuracy", float(best["val_acc"]), f"epoch {int(best['epoch'])}"),
-            ("training", "test accuracy at best val", float(best["test_acc"]), f"epoch {int(best['epoch'])}"),
-        ]
-    if len(tr):
-        rows += [
-            ("training", "distance from init ‖θ−θ₀‖", final_distance(store), f"step {int(tr['step'].iloc[-1])}"),
-            ("training", "mean cos(g_t−1, g_t)", mean_cosine(store), f"over {len(tr)} steps"),
-        ]
+    rows += _training_rows(ep, tr, store)
     pk = peak_lambda(store)
     if not math.isnan(pk["peak"]):
         lam = lambda1(store)
-        lr = _nearest(tr, lam["step"].iloc[-1], "lr") if len(tr) else math.nan
+        lr = _nearest(tr, lam["step"].iloc[-1], "lr")
+        if math.isnan(lr):  # no lr column in train: the config's constant lr, where there is one
+            lr = float((store.config().get("optimizer") or {}).get("lr", math.nan))
         rows += [
             ("curvature", "peak λ₁ (5-point smoothed)", pk["peak"],
              f"epoch {pk['peak_epoch']:.3g} (step {int(pk['peak_step'])}); raw max {pk['raw_max']:.4g}"),
             ("curvature", "time to 90% of peak λ₁", pk["t90_epoch"], f"step {int(pk['t90_step'])}"),
             ("curvature", "final λ₁", pk["final"], f"step {int(lam['step'].iloc[-1])}"),
-            ("curvature", "final η·λ₁", lr * pk["final"], "GD on a quadratic diverges along e₁ above 2"),
         ]
+        if not math.isnan(lr):
+            rows.append(("curvature", "final η·λ₁", lr * pk["final"], "GD on a quadratic diverges along e₁ above 2"))
         curv = store.table("curvature")
-        if len(curv):
+        if has(curv, "frobenius_topk"):
             rows.append(("curvature", "final ‖H‖_F (top-K)", float(curv["frobenius_topk"].iloc[-1]),
                          f"K = {int(curv['k'].iloc[-1])}" if "k" in curv else ""))
     km = store.table("k_min")
-    if len(km):
+    if has(km, "step", "eigen_index", "threshold", "k_min"):
         tail = last_points(km, last)
         for (i, th), g in tail.groupby(["eigen_index", "threshold"]):
             closed = int(g["k_min"].notna().sum())
             rows.append(("k_min", f"k_min along e{int(i)}, {th:.0%} rise", float(g["k_min"].mean()),
                          f"mean of last {g['step'].nunique()} points; bowl closed at {closed}"))
     al = store.table("alpha_step")
-    if len(al):
+    if has(al, "step", "eigen_index", "alpha", "relative_change"):
+        if "direction" not in al:  # the probe names them; a user's rows may only number them (0: random)
+            al = al.assign(direction=["random" if i == 0 else f"e{int(i)}" for i in al["eigen_index"]])
         tail = last_points(al, last)
         for (d, a), g in tail.groupby(["direction", "alpha"], sort=True):
             rows.append(("α-step", f"α = {a:g} along {d}: loss change", 100 * float(g["relative_change"].mean()),
                          f"% of L(θ); mean of last {g['step'].nunique()} points"))
-    va = store.table("valley")
-    if len(va):
-        rows.append(("walk", "barriers crossed", float(va["barrier"].sum()), f"of {len(va)} interpolated steps"))
-        for e, g in va.groupby("epoch"):
-            rows.append(("walk", f"epoch {int(e)}: mean height above floor", float(g["height"].mean()),
-                         f"barriers {int(g['barrier'].sum())}/{len(g)}; interior minimum at {int(g['interior_min'].sum())}"
-                         if "interior_min" in g else f"barriers {int(g['barrier'].sum())}/{len(g)}"))
+    rows += _walk_rows(store.table("valley"))
     return pd.DataFrame(rows, columns=["section", "quantity", "value", "detail"])
+
+
+def _training_rows(ep: pd.DataFrame, tr: pd.DataFrame, store: RunStore) -> list[tuple[str, str, float, str]]:
+    rows = []
+    if has(ep, "epoch"):
+        last_ep, best = ep.iloc[-1], best_val_row(ep)
+        at = f"epoch {int(last_ep['epoch'])}"
+        if "train_loss" in ep:
+            rows.append(("training", "final train loss", float(last_ep["train_loss"]), at))
+        if best is not None:
+            where = f"epoch {int(best['epoch'])}"
+            rows += [("training", "final val accuracy", cell(last_ep, "val_acc"), at),
+                     ("training", "best val accuracy", float(best["val_acc"]), where)]
+            if "test_acc" in ep:
+                rows.append(("training", "test accuracy at best val", cell(best, "test_acc"), where))
+    if has(tr, "step", "param_distance"):
+        rows.append(("training", "distance from init ‖θ−θ₀‖", final_distance(store), f"step {int(tr['step'].iloc[-1])}"))
+    if has(tr, "grad_cosine_prev"):
+        rows.append(("training", "mean cos(g_t−1, g_t)", mean_cosine(store), f"over {len(tr)} steps"))
+    return rows
+
+
+def _walk_rows(va: pd.DataFrame) -> list[tuple[str, str, float, str]]:
+    if not has(va, "barrier"):
+        return []
+    rows = [("walk", "barriers crossed", float(va["barrier"].sum()), f"of {len(va)} interpolated steps")]
+    if has(va, "epoch", "height"):
+        for e, g in va.groupby("epoch"):
+            detail = f"barriers {int(g['barrier'].sum())}/{len(g)}"
+            if "interior_min" in g:
+                detail += f"; interior minimum at {int(g['interior_min'].sum())}"
+            rows.append(("walk", f"epoch {int(e)}: mean height above floor", float(g["height"].mean()), detail))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- writers

@@ -13,7 +13,7 @@ import pandas as pd
 
 from sgdscope.claims._common import ClaimResult, Runs, _monotone, _Run, load_runs
 from sgdscope.sweepview import is_sweep, open_sweep
-from sgdscope.tables import LAST_POINTS, jastrzebski_table1, lambda1, last_points, peak_lambda
+from sgdscope.tables import LAST_POINTS, has, jastrzebski_table1, lambda1, last_points, peak_lambda
 
 # ------------------------------------------------------------------------------ Jastrzebski: Figs. 2/3
 
@@ -69,7 +69,7 @@ def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float
     checks: dict[str, bool] = {}
     rows: list[dict[str, Any]] = []
     d = run.store.table("direction")
-    if len(d):
+    if has(d, "step", "eigen_index", "k", "loss"):
         d = last_points(d, last)
         e1 = d[d["eigen_index"] == 1]
         l0 = e1[e1["k"] == 0].set_index("step")["loss"]
@@ -80,7 +80,7 @@ def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float
         checks["bowl along e1 (L(±k) > L(0) for |k| ≥ 2 at ≥ 90% of points)"] = frac >= 0.9
     km = run.store.table("k_min")
     kmean: dict[tuple[int, float], float] = {}
-    if len(km):
+    if has(km, "step", "eigen_index", "threshold", "k_min"):
         km = last_points(km, last)
         for (i, th), g in km.groupby(["eigen_index", "threshold"]):
             kmean[(int(i), float(th))] = float(g["k_min"].mean())
@@ -94,7 +94,7 @@ def bowl_alpha_step(runs: Runs, last: int = LAST_POINTS, kmin_range: tuple[float
             checks["e3/e5 flatter than e1 (larger k_min(10%) or bowl not closed)"] = all(
                 math.isnan(o) or o > k10 for o in others)
     al = run.store.table("alpha_step")
-    if len(al):
+    if has(al, "step", "direction", "alpha", "relative_change"):
         al = last_points(al, last)
         rel = al.groupby(["direction", "alpha"])["relative_change"].mean()
         for (dname, a), v in rel.items():
@@ -127,7 +127,7 @@ def _variant_numbers(run: _Run, tail: int = 5) -> dict[str, float]:
         before = lam[lam["step"] <= start]
         out["λ₁ start"] = float(before["value"].iloc[-1]) if len(before) else float(lam["value"].iloc[0])
         out["λ₁ end"] = float(lam["value"].tail(tail).mean())
-    if len(ep):
+    if has(ep, "step", "train_loss"):
         before = ep[ep["step"] <= start]
         out["loss start"] = float(before["train_loss"].iloc[-1]) if len(before) else math.nan
         out["loss end"] = float(ep["train_loss"].tail(tail).mean())

@@ -9,7 +9,15 @@ import math
 import pandas as pd
 
 from sgdscope.claims._common import ClaimResult, Runs, _final_epoch, _monotone, _Run, load_runs
-from sgdscope.tables import barriers_per_epoch, best_val_row, final_distance, heights_per_epoch, mean_cosine
+from sgdscope.tables import (
+    barriers_per_epoch,
+    best_val_row,
+    cell,
+    final_distance,
+    has,
+    heights_per_epoch,
+    mean_cosine,
+)
 
 # ------------------------------------------------------------------------------------- Xing: Figs. 1/2
 
@@ -17,13 +25,13 @@ from sgdscope.tables import barriers_per_epoch, best_val_row, final_distance, he
 def _walk_numbers(run: _Run, last: int = 50) -> dict[str, float]:
     tr = run.store.table("train")
     va = run.store.table("valley")
-    cos = tr["grad_cosine_prev"] if len(tr) else pd.Series(dtype=float)
+    cos = tr["grad_cosine_prev"] if has(tr, "grad_cosine_prev") else pd.Series(dtype=float)
     return {
         "cos mean": mean_cosine(run.store),
         f"cos last {last}": float(cos.tail(last).mean()) if len(cos) else math.nan,
         "distance": final_distance(run.store),
-        "mean height": float(va["height"].mean()) if len(va) else math.nan,
-        "barriers": int(va["barrier"].sum()) if len(va) else 0,
+        "mean height": float(va["height"].mean()) if has(va, "height") else math.nan,
+        "barriers": int(va["barrier"].sum()) if has(va, "barrier") else 0,
         "interpolated steps": len(va),
         "interior min share": float(va["interior_min"].mean()) if len(va) and "interior_min" in va else math.nan,
     }
@@ -76,7 +84,7 @@ def barriers_per_epoch_claim(runs: Runs, late_share: float = 0.1) -> ClaimResult
     loaded = load_runs(runs)
     b = barriers_per_epoch({r.label: r.store for r in loaded})
     n = {r.label: len(r.store.table("valley")) for r in loaded}
-    total = {r.label: int(r.store.table("valley")["barrier"].sum()) if n[r.label] else 0 for r in loaded}
+    total = {r.label: int(v["barrier"].sum()) if has(v := r.store.table("valley"), "barrier") else 0 for r in loaded}
     df = b.copy()
     df["interpolated steps"] = [n[i] for i in df.index]
     df["share crossed"] = [total[i] / n[i] if n[i] else math.nan for i in df.index]
@@ -129,9 +137,8 @@ def isotropic_noise(runs: Runs) -> ClaimResult:
         name = r.get("optimizer.name")
         factor = float(r.get("optimizer.noise_factor", 0.0)) if name == "noisy_gd" else 0.0
         rows.append({"run": "SGD" if name == "sgd" else f"GD noise={factor:g}", "optimizer": name, "noise": factor,
-                     "train loss": float(last["train_loss"]) if last is not None else math.nan,
-                     "val acc": float(last["val_acc"]) if last is not None else math.nan,
-                     "param norm": float(last["param_norm"]) if last is not None else math.nan,
+                     "train loss": cell(last, "train_loss"), "val acc": cell(last, "val_acc"),
+                     "param norm": cell(last, "param_norm"),
                      "distance": final_distance(r.store), "state": r.state})
     df = pd.DataFrame(rows).sort_values(["optimizer", "noise"]).set_index("run")
     gd = df[(df["optimizer"] != "sgd") & (df["noise"] == 0)]
@@ -162,10 +169,10 @@ def lr_schedules(runs: Runs, tolerance: float = 0.01) -> ClaimResult:
         ep = r.store.table("epoch")
         if not len(ep):
             continue
-        best = best_val_row(ep)
-        rows.append({"schedule": r.get("schedule.name"), "final train loss": float(ep["train_loss"].iloc[-1]),
-                     "final val acc": float(ep["val_acc"].iloc[-1]), "best val acc": float(best["val_acc"]),
-                     "test acc @ best val": float(best["test_acc"]), "final test acc": float(ep["test_acc"].iloc[-1])})
+        best, final = best_val_row(ep), ep.iloc[-1]
+        rows.append({"schedule": r.get("schedule.name"), "final train loss": cell(final, "train_loss"),
+                     "final val acc": cell(final, "val_acc"), "best val acc": cell(best, "val_acc"),
+                     "test acc @ best val": cell(best, "test_acc"), "final test acc": cell(final, "test_acc")})
     df = pd.DataFrame(rows).set_index("schedule")
     checks: dict[str, bool] = {}
     rising = [s for s in ("cyclic", "trapezoid") if s in df.index]

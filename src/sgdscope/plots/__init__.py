@@ -1,19 +1,22 @@
 """Figures, read only from run stores: the registry :data:`FIGURES` and :func:`plot`.
 
 A *run figure* draws one run directory; a *sweep figure* compares the runs of a sweep directory. Each
-figure names the tables it cannot do without, so callers can tell "nothing to draw" from a bug.
+figure names the tables, and the columns of them, that it cannot do without, so callers can tell
+"nothing to draw" from a bug: a run from a user's own loop may hold any subset of the tables and
+columns, and a figure without its data is skipped with a line (:func:`missing`) naming the table or
+column and the probe that writes it. Panels whose optional columns are absent say so on the figure.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import matplotlib
 
 from sgdscope.errors import ConfigError, RunStoreError
 from sgdscope.plots import curves, sharpest, walk
-from sgdscope.plots._common import STYLE
+from sgdscope.plots._common import STYLE, lacks, source
 from sgdscope.plots import sweep as sweep_figs
 from sgdscope.store import RunStore
 from sgdscope.sweepview import SweepView, is_sweep, open_sweep
@@ -29,6 +32,7 @@ class Figure(NamedTuple):
     tables: tuple[str, ...]
     description: str
     sweep_keys: Optional[tuple[str, ...]] = None
+    columns: Mapping[str, tuple[str, ...]] = {}  # table -> the columns the figure cannot do without
 
 
 _ALWAYS: tuple[str, ...] = ()
@@ -36,30 +40,36 @@ _ALWAYS: tuple[str, ...] = ()
 FIGURES: dict[str, Figure] = {
     # one run
     "learning_curves": Figure(curves.learning_curves, ("train",),
-                              "Loss, accuracy and learning rate: minibatch values per step, train/val/test per epoch."),
+                              "Loss, accuracy and learning rate: minibatch values per step, train/val/test per epoch.",
+                              columns={"train": ("step",)}),
     "eigenvalues": Figure(sharpest.eigenvalues, ("eigen",),
                           "Top-K Hessian eigenvalues over training (log scale) with ‖H‖_F, and η·λ₁ against 2 "
-                          "(Jastrzebski Figs. 1-2; a zoom column when the eigen probe has first_steps)."),
+                          "(Jastrzebski Figs. 1-2; a zoom column when the eigen probe has first_steps).",
+                          columns={"eigen": ("step", "index", "value")}),
     "bowl": Figure(sharpest.bowl, ("direction",),
                    "Loss along each measured eigenvector in units of the typical SGD step: a 3-D surface coloured "
-                   "by the eigenvalue, and a heat map of L(k)/L(0) (Jastrzebski Fig. 4 left, Figs. 9-12)."),
+                   "by the eigenvalue, and a heat map of L(k)/L(0) (Jastrzebski Fig. 4 left, Figs. 9-12).",
+                   columns={"direction": ("step", "eigen_index", "k", "loss")}),
     "alpha_step": Figure(sharpest.alpha_step, ("alpha_step",),
                          "Relative loss change of a step of α·η along e_i alone, per α, with a random direction "
-                         "as control (Jastrzebski Fig. 4 right)."),
+                         "as control (Jastrzebski Fig. 4 right).",
+                         columns={"alpha_step": ("step", "eigen_index", "alpha", "relative_change")}),
     "k_min": Figure(sharpest.k_min, ("k_min",),
-                    "k_min, the half-width of the bowl in typical steps, per threshold (Jastrzebski sec. 3.2)."),
+                    "k_min, the half-width of the bowl in typical steps, per threshold (Jastrzebski sec. 3.2).",
+                    columns={"k_min": ("step", "eigen_index", "threshold", "k_min")}),
     "alignment": Figure(sharpest.alignment, ("alignment",),
-                        "|cos| of the minibatch and of the full gradient with each top eigenvector."),
-    "walk": Figure(walk.walk, ("interpolation", "valley"),
+                        "|cos| of the minibatch and of the full gradient with each top eigenvector.",
+                        columns={"alignment": ("step", "eigen_index")}),
+    "walk": Figure(walk.walk, ("interpolation",),
                    "Loss interpolated between consecutive iterates, valley floors joined by a dashed line, barrier "
                    "crossings marked; above, the consecutive-gradient cosine and the distance from init "
-                   "(Xing Figs. 1-2)."),
+                   "(Xing Figs. 1-2).", columns={"interpolation": ("step", "alpha", "loss")}),
     # a sweep
     "sweep_curves": Figure(curves.sweep_curves, ("epoch",),
                            "Training loss, validation accuracy and distance from init of every run.", _ALWAYS),
     "peak_lambda": Figure(sweep_figs.peak_lambda_vs, ("eigen",),
                           "Peak λ₁ (5-point smoothed) and the time to 90% of it against each grid axis "
-                          "(Jastrzebski Fig. 3).", _ALWAYS),
+                          "(Jastrzebski Fig. 3).", _ALWAYS, columns={"eigen": ("step", "index", "value")}),
     "cosine_distance": Figure(sweep_figs.cosine_distance_vs, ("train",),
                               "Mean consecutive-gradient cosine and final distance from init against batch size "
                               "and lr (Xing Fig. 4).", ("optimizer.lr", "optimizer.batch_size")),
@@ -92,23 +102,41 @@ def _relevant(fig: Figure, view: SweepView) -> bool:
     return not keys or any(v == k or (k.endswith(".") and v.startswith(k)) for v in view.varying for k in keys)
 
 
+def missing(name: str, target: RunStore | SweepView) -> Optional[str]:
+    """Why figure ``name`` cannot be drawn from ``target``, in one line naming the table or column and
+    what writes it; None when it can. A sweep figure needs each table (with its columns) in one run."""
+    fig = FIGURES[name]
+    for table in fig.tables:
+        cols = tuple(fig.columns.get(table, ()))
+        if isinstance(target, SweepView):
+            reasons = [lacks(m.store, table, cols) for m in target.started()] or [lacks(None, table)]
+            if all(reasons):
+                return reasons[0] if len(set(reasons)) == 1 else f"{reasons[0]} in every run"
+        elif (why := lacks(target, table, cols)) is not None:
+            return why
+    return None
+
+
 def run_figures(store: RunStore) -> list[str]:
     """The run figures ``store`` has the data for, in registry order."""
-    return [n for n, f in FIGURES.items() if f.sweep_keys is None and all(_has(store, t) for t in f.tables)]
+    return [n for n, f in FIGURES.items() if f.sweep_keys is None and missing(n, store) is None]
+
+
+def skipped_run_figures(store: RunStore) -> dict[str, str]:
+    """``{figure: why}`` for the run figures ``store`` lacks the data for (see :func:`missing`)."""
+    return {n: why for n, f in FIGURES.items() if f.sweep_keys is None and (why := missing(n, store)) is not None}
 
 
 def sweep_figures(view: SweepView) -> list[str]:
     """The sweep figures that ``view`` has data for and whose grid makes them meaningful."""
-    runs = view.started()
-    return [n for n, f in FIGURES.items() if f.sweep_keys is not None and _relevant(f, view)
-            and all(any(_has(m.store, t) for m in runs) for t in f.tables)]
+    return [n for n, f in FIGURES.items() if f.sweep_keys is not None and _relevant(f, view) and missing(n, view) is None]
 
 
 def plot(path: str | Path, name: str) -> list[Path]:
     """Draw figure ``name`` of the run or sweep at ``path`` into ``path/figures``; returns the PNG paths.
 
     Raises ConfigError for an unknown name or a run figure asked of a sweep (and vice versa), and
-    RunStoreError when a table the figure needs has no rows.
+    RunStoreError when a table or column the figure needs is absent (the message names the probe).
     """
     path = Path(path)
     if name not in FIGURES:
@@ -117,18 +145,14 @@ def plot(path: str | Path, name: str) -> list[Path]:
     if is_sweep(path):
         if fig.sweep_keys is None:
             raise ConfigError(f"{name!r} draws one run; give a run directory, e.g. {path / 'runs' / '<run>'}")
-        view = open_sweep(path)
-        missing = [t for t in fig.tables if not any(_has(m.store, t) for m in view.started())]
-        target = view
+        target: RunStore | SweepView = open_sweep(path)
     else:
-        store = RunStore(path)
+        target = RunStore(path)
         if fig.sweep_keys is not None:
             raise ConfigError(f"{name!r} compares the runs of a sweep; give a sweep directory (with sweep.yaml)")
-        missing = [t for t in fig.tables if not _has(store, t)]
-        target = store
-    if missing:
-        raise RunStoreError(f"{path}: figure {name!r} needs rows in table {missing[0]!r}, which is empty "
-                            "(enable the probe that writes it)")
+    why = missing(name, target)
+    if why is not None:
+        raise RunStoreError(f"{path}: figure {name!r} {why}")
     return draw(name, target, path / "figures")
 
 
@@ -138,4 +162,4 @@ def draw(name: str, target: RunStore | SweepView, out_dir: Path) -> list[Path]:
         return FIGURES[name].fn(target, out_dir)
 
 
-__all__ = ["FIGURES", "Figure", "draw", "plot", "run_figures", "sweep_figures"]
+__all__ = ["FIGURES", "Figure", "draw", "missing", "plot", "run_figures", "skipped_run_figures", "source", "sweep_figures"]

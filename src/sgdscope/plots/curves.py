@@ -11,10 +11,20 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from sgdscope.plots._common import auto_window, color, no_data, save, subplots, title
+from sgdscope.plots._common import (
+    auto_window,
+    caveat,
+    color,
+    legend_or_note,
+    missing_column,
+    no_data,
+    save,
+    subplots,
+    title,
+)
 from sgdscope.store import RunStore
 from sgdscope.sweepview import Member, SweepView, label_for
-from sgdscope.tables import smooth, time_axis
+from sgdscope.tables import has, smooth, time_axis
 
 _SPLITS = (("train", "-", "o"), ("val", "--", "s"), ("test", ":", "^"))
 
@@ -23,17 +33,19 @@ def _epoch_and_batch(ax, store: RunStore, batch_col: str, epoch_col: str, ylabel
     """One panel: the per-step minibatch value (smoothed, light) under the per-epoch train/val/test values."""
     t = time_axis(store)
     tr, ep = store.table("train"), store.table("epoch")
-    if len(tr) and batch_col in tr:
+    if has(tr, "step", batch_col):
         y = tr[batch_col].to_numpy(dtype=float)
         ax.plot(t(tr["step"]), smooth(y, auto_window(len(y))), color="#94a3b8", lw=1.0, label="minibatch (smoothed)")
-    if len(ep):
+    # Epoch rows sit at their step; a user's epoch rows without one sit at their epoch on an epoch axis.
+    x = t(ep["step"]) if has(ep, "step") else ep["epoch"] if has(ep, "epoch") and t.label == "epoch" else None
+    if x is not None:
         for i, (split, ls, marker) in enumerate(_SPLITS):
             col = f"{split}_{epoch_col}"
             if col in ep and ep[col].notna().any():
-                ax.plot(t(ep["step"]), ep[col], ls=ls, marker=marker, ms=3.5, color=color(i), label=split)
+                ax.plot(x, ep[col], ls=ls, marker=marker, ms=3.5, color=color(i), label=split)
     ax.set_xlabel(t.label)
     ax.set_ylabel(ylabel)
-    ax.legend()
+    legend_or_note(ax, f"{missing_column('train', batch_col)}\nand no epoch.train_{epoch_col} rows")
 
 
 def learning_curves(store: RunStore, out_dir: Path) -> list[Path]:
@@ -44,7 +56,7 @@ def learning_curves(store: RunStore, out_dir: Path) -> list[Path]:
     _epoch_and_batch(axes[0, 1], store, "batch_acc", "acc", "accuracy")
     axes[0, 1].set_title("accuracy")
     tr, t, ax = store.table("train"), time_axis(store), axes[0, 2]
-    if len(tr) and "lr" in tr:
+    if has(tr, "step", "lr") and tr["lr"].notna().any():
         ax.plot(t(tr["step"]), tr["lr"], color=color(4))
         lr = tr["lr"].to_numpy(dtype=float)
         if np.nanmin(lr) > 0 and np.nanmax(lr) / np.nanmin(lr) > 20:
@@ -54,7 +66,7 @@ def learning_curves(store: RunStore, out_dir: Path) -> list[Path]:
         ax.set_xlabel(t.label)
         ax.set_ylabel("η")
     else:
-        no_data(ax)
+        no_data(ax, missing_column("train", "lr"))
     ax.set_title("learning rate")
     title(fig, "Learning curves", store.path.name)
     return [save(fig, out_dir / "learning_curves.png")]
@@ -86,11 +98,10 @@ class Curve:
 def _series(member: Member, c: Curve) -> Optional[pd.DataFrame]:
     """(x, y) of one run for panel ``c`` (None when the run has no such rows)."""
     df = member.store.table(c.table)
-    if not len(df) or c.y not in df or "step" not in df:
+    if not has(df, "step", c.y, *c.where):  # without the filter column the rows are not the ones asked for
         return None
     for k, v in c.where.items():
-        if k in df:
-            df = df[df[k] == v]
+        df = df[df[k] == v]
     df = df[["step", c.y]].dropna()
     if not len(df):
         return None
@@ -116,31 +127,40 @@ def _groups(members: list[Member], keys: list[str]) -> dict[str, list[Member]]:
     return out
 
 
-def _draw(ax, view: SweepView, c: Curve, colours: dict[str, str]) -> bool:
-    """Draw panel ``c``; returns whether it used the figure-wide labels (and so the shared legend).
+def _draw(ax, view: SweepView, c: Curve, colours: dict[str, str]) -> tuple[bool, int]:
+    """Draw panel ``c``; returns whether it used the figure-wide labels (and so the shared legend), and
+    the most seeds averaged into one of its curves (0: nothing drawn).
 
     A ``vary`` panel names only its own key, so it carries its own legend and colours.
     """
     members, keys, fixed = _panel_members(view, c.vary)
     shared = keys == view.varying
     ax.set_title(f"{c.title} ({fixed})" if fixed else c.title)
-    drawn, xlabel = 0, "epoch"
+    drawn, seeds, xlabel = 0, 0, "epoch"
     for i, (label, group) in enumerate(_groups(members, keys).items()):
         parts = [s for s in (_series(m, c) for m in group) if s is not None]
         if not parts:
             continue
         col = colours.get(label, color(i)) if shared else color(i)
         xlabel = time_axis(group[0].store).label
-        mean = pd.concat(parts).groupby("x", as_index=False)["y"].mean()
+        stats = pd.concat(parts).groupby("x", as_index=False)["y"].agg(["mean", "min", "max"])
+        if c.smooth:
+            for k in ("mean", "min", "max"):
+                stats[k] = smooth(stats[k], auto_window(len(stats)))
         if c.final:
-            ax.bar(drawn, mean["y"].iloc[-1], color=col, label=label)
+            last = stats.iloc[-1]
+            err = ([[max(last["mean"] - last["min"], 0)], [max(last["max"] - last["mean"], 0)]] if len(parts) > 1
+                   else None)
+            ax.bar(drawn, last["mean"], yerr=err, capsize=3, color=col, label=label)
         else:
-            y = smooth(mean["y"], auto_window(len(mean))) if c.smooth else mean["y"]
-            ax.plot(mean["x"], y, color=col, label=label, lw=1.4)
+            ax.plot(stats["x"], stats["mean"], color=col, label=label, lw=1.4)
+            if len(parts) > 1:  # the seeds of one grid point: their mean, and their range as a band
+                ax.fill_between(stats["x"], stats["min"], stats["max"], color=col, alpha=0.18, lw=0)
         drawn += 1
+        seeds = max(seeds, len(parts))
     if not drawn:
-        no_data(ax, f"no {c.table}.{c.y} rows")
-        return False
+        no_data(ax, missing_column(c.table, c.y))
+        return False, 0
     if c.logy:
         ax.set_yscale("log")
     if c.final:
@@ -149,13 +169,14 @@ def _draw(ax, view: SweepView, c: Curve, colours: dict[str, str]) -> bool:
         ax.set_xlabel(xlabel)
     if not shared:
         ax.legend(fontsize=7.5)
-    return shared
+    return shared, seeds
 
 
 def compare(view: SweepView, curves: list[Curve], path: Path, heading: str, ncols: int = 3) -> Path:
     """The comparison figure: one panel per :class:`Curve` (``ncols`` to a row), one line (or bar) per
     grid point, one legend for the panels that show every run. A panel that varies a key the sweep holds
-    fixed shows every run instead, once (a GD-vs-SGD sweep still gets its cosine and distance panels)."""
+    fixed shows every run instead, once (a GD-vs-SGD sweep still gets its cosine and distance panels).
+    Seeds of a grid point are averaged, their min–max range shaded; the figure's foot says which."""
     kept: dict[tuple, Curve] = {}
     for c in curves:
         if c.vary is not None and c.vary not in view.varying:
@@ -167,7 +188,11 @@ def compare(view: SweepView, curves: list[Curve], path: Path, heading: str, ncol
     fig, axes = subplots(nrows, ncols, panel=(4.4, 3.1))
     labels = list(_groups(view.started(), view.varying))
     colours = {label: color(i) for i, label in enumerate(labels)}
-    shared = [_draw(ax, view, c, colours) for ax, c in zip(axes.flat, curves)]
+    shared, seeds = zip(*(_draw(ax, view, c, colours) for ax, c in zip(axes.flat, curves)))
+    if max(seeds) == 1:
+        caveat(fig, "one seed per grid point: the curves show no spread between seeds")
+    elif max(seeds) > 1:
+        caveat(fig, f"each curve: the mean of its seeds (up to {max(seeds)}); shaded: their min–max range")
     for ax in list(axes.flat)[len(curves):]:
         ax.set_visible(False)
     if any(shared) and len(labels) > 1:

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from matplotlib import cm, colors
 
-from sgdscope.plots._common import color, no_data, save, subplots, title
+from sgdscope.plots._common import color, missing_column, no_data, save, subplots, title
 from sgdscope.plots.curves import Curve, compare
 from sgdscope.store import RunStore
 from sgdscope.sweepview import SweepView
-from sgdscope.tables import time_axis
+from sgdscope.tables import has, time_axis
 
 # ---------------------------------------------------------------------------------------- eigenvalues
 
@@ -32,7 +32,7 @@ def _value_scale(ax, values: np.ndarray) -> None:
 def _lr_at(store: RunStore, steps: pd.Series) -> np.ndarray:
     """The learning rate in force at each step (the config's η before the first update)."""
     tr = store.table("train")
-    if len(tr) and "lr" in tr:
+    if has(tr, "step", "lr"):
         return np.interp(steps.to_numpy(dtype=float), tr["step"].to_numpy(dtype=float), tr["lr"].to_numpy(dtype=float))
     return np.full(len(steps), float((store.config().get("optimizer") or {}).get("lr", np.nan)))
 
@@ -44,17 +44,20 @@ def _eigen_panels(ax_top, ax_bottom, store: RunStore, eig: pd.DataFrame, x: Call
         ax_top.plot(x(d["step"]), d["value"], color=color(i - 1), lw=1.7 if i == 1 else 1.1, marker="o", ms=2.5,
                     label=f"λ{i}" if len(ks) <= 10 else None)
     curv = store.table("curvature")
-    if len(curv) and len(ks) > 1:
+    if has(curv, "step", "frobenius_topk") and len(ks) > 1:
         curv = curv[curv["step"].isin(eig["step"])]
         ax_top.plot(x(curv["step"]), curv["frobenius_topk"], color="#111827", ls=":", lw=1.2, label="‖H‖_F (top-K)")
     _value_scale(ax_top, eig["value"].to_numpy(dtype=float))
     ax_top.set_ylabel("eigenvalue")
     l1 = eig[eig["index"] == 1]
-    ax_bottom.plot(x(l1["step"]), _lr_at(store, l1["step"]) * l1["value"].to_numpy(), color=color(0), marker="o", ms=2.5,
-                   label="η·λ₁")
-    ax_bottom.axhline(2.0, color="#dc2626", ls="--", lw=1.1, label="2 (GD stability limit)")
-    ax_bottom.set_ylabel("η·λ₁")
-    ax_bottom.set_xlabel(xlabel)
+    eta = _lr_at(store, l1["step"])
+    if len(l1) and np.isfinite(eta).any():
+        ax_bottom.plot(x(l1["step"]), eta * l1["value"].to_numpy(), color=color(0), marker="o", ms=2.5, label="η·λ₁")
+        ax_bottom.axhline(2.0, color="#dc2626", ls="--", lw=1.1, label="2 (GD stability limit)")
+        ax_bottom.set_ylabel("η·λ₁")
+        ax_bottom.set_xlabel(xlabel)
+    else:  # η unknown: neither a train.lr column nor a config optimizer.lr
+        no_data(ax_bottom, "η·λ₁: " + missing_column("train", "lr") if len(l1) else "no λ₁ rows (index 1)", clear=False)
 
 
 def eigenvalues(store: RunStore, out_dir: Path) -> list[Path]:
@@ -76,7 +79,8 @@ def eigenvalues(store: RunStore, out_dir: Path) -> list[Path]:
         axes[0, 1].set_title("whole run")
     _eigen_panels(axes[0, -1], axes[1, -1], store, eig, t, t.label)
     axes[0, -1].legend(ncols=2 if eig["index"].nunique() > 4 else 1)
-    axes[1, -1].legend()
+    if axes[1, -1].get_legend_handles_labels()[0]:
+        axes[1, -1].legend()
     which = eig["which"].iloc[0] if "which" in eig else "LA"
     title(fig, f"Hessian eigenvalues along the trajectory (top-{eig['index'].max()}, {which})", store.path.name)
     return [save(fig, out_dir / "eigenvalues.png")]
@@ -101,7 +105,10 @@ def _bowl(store: RunStore, d: pd.DataFrame, index: int, out_dir: Path) -> Path:
     grid = d.pivot_table(index="step", columns="k", values="loss", aggfunc="mean").sort_index()
     ks = grid.columns.to_numpy(dtype=float)
     steps = grid.index.to_numpy(dtype=float)
-    lam = d.groupby("step")["eigenvalue"].first().reindex(grid.index).to_numpy(dtype=float)
+    # A user's direction rows need not carry the eigenvalue: the surface is then one colour, no colour bar.
+    coloured = "eigenvalue" in d and d["eigenvalue"].notna().any()
+    lam = (d.groupby("step")["eigenvalue"].first().reindex(grid.index).to_numpy(dtype=float) if coloured
+           else np.zeros(len(grid)))
     loss = grid.to_numpy(dtype=float)
     base = loss[:, [int(np.argmin(np.abs(ks)))]]
     fig, axes = subplots(1, 2, panel=(5.2, 4.0))
@@ -122,8 +129,9 @@ def _bowl(store: RunStore, d: pd.DataFrame, index: int, out_dir: Path) -> Path:
     ax3.set_ylabel(t.label)
     ax3.set_zlabel("log₁₀ loss" if logz else "loss", labelpad=8)
     ax3.view_init(elev=28, azim=-60)
-    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax3, shrink=0.6, pad=0.16, label=f"λ{index}")
-    ax3.set_title(f"loss along e{index}, coloured by λ{index}")
+    if coloured:
+        fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax3, shrink=0.6, pad=0.16, label=f"λ{index}")
+    ax3.set_title(f"loss along e{index}, coloured by λ{index}" if coloured else f"loss along e{index}")
     ax = axes[0, 1]
     ratio = loss / base
     mesh = ax.pcolormesh(_kpos(ks), t(steps), ratio, shading="nearest", cmap="magma",
@@ -150,15 +158,16 @@ def bowl(store: RunStore, out_dir: Path) -> list[Path]:
 # ------------------------------------------------------------------------- per-run grouped line figures
 
 
-def _grouped_lines(store: RunStore, panels: list[tuple[str, pd.DataFrame, str]], line_col: str,
+def _grouped_lines(store: RunStore, table: str, panels: list[tuple[str, pd.DataFrame, str]], line_col: str,
                    line_label: Callable, ylabel: str, heading: str, path: Path, scale: float = 1.0,
                    zero_line: bool = False) -> Path:
     """Panels of a run's long table: one panel per (title, rows, y column), one line per ``line_col`` value."""
     t = time_axis(store)
     fig, axes = subplots(1, len(panels), panel=(max(4.3, 7.5 / len(panels)), 3.1), sharey=True)
     for ax, (name, rows, y) in zip(axes.flat, panels):
-        if not len(rows):
-            no_data(ax)
+        if not has(rows, y):
+            no_data(ax, "no rows" if not len(rows) else missing_column(table, y))
+            ax.set_title(name)
             continue
         for j, (v, g) in enumerate(rows.groupby(line_col, sort=True)):
             g = g.groupby("step", as_index=False)[y].mean()
@@ -180,7 +189,7 @@ def alpha_step(store: RunStore, out_dir: Path) -> list[Path]:
     order = sorted(al["eigen_index"].unique(), key=lambda i: (i == 0, i))
     panels = [(f"along e{i}" if i else "random direction (control)", al[al["eigen_index"] == i], "relative_change")
               for i in order]
-    return [_grouped_lines(store, panels, "alpha", lambda a: f"α = {a:g}", "loss change (% of L(θ))",
+    return [_grouped_lines(store, "alpha_step", panels, "alpha", lambda a: f"α = {a:g}", "loss change (% of L(θ))",
                            "Step length along the sharpest directions: E[L(θ − α·η·g̃ᵢ)] − L(θ)",
                            out_dir / "alpha_step.png", scale=100.0, zero_line=True)]
 
@@ -189,16 +198,17 @@ def k_min(store: RunStore, out_dir: Path) -> list[Path]:
     """k_min (bowl half-width in typical steps) over training, per threshold, per eigenvector."""
     km = store.table("k_min")
     panels = [(f"e{int(i)}", km[km["eigen_index"] == i], "k_min") for i in sorted(km["eigen_index"].unique())]
-    return [_grouped_lines(store, panels, "threshold", lambda th: f"+{th:.0%}", "k_min (typical steps)",
+    return [_grouped_lines(store, "k_min", panels, "threshold", lambda th: f"+{th:.0%}", "k_min (typical steps)",
                            "k_min: smallest k at which the loss rises by the threshold on both sides",
                            out_dir / "k_min.png")]
 
 
 def alignment(store: RunStore, out_dir: Path) -> list[Path]:
     """Cosine of the minibatch and of the full gradient with each top eigenvector, over training."""
-    a = store.table("alignment").assign(abs_mini=lambda d: d["cos_minibatch"].abs(), abs_full=lambda d: d["cos_full"].abs())
-    panels = [("minibatch gradient", a, "abs_mini"), ("full gradient", a, "abs_full")]
-    return [_grouped_lines(store, panels, "eigen_index", lambda i: f"e{int(i)}", "|cos(g, eᵢ)|",
+    a = store.table("alignment")
+    a = a.assign(**{c: a[c].abs() for c in ("cos_minibatch", "cos_full") if c in a})  # |cos|: the sign of e_i is arbitrary
+    panels = [("minibatch gradient", a, "cos_minibatch"), ("full gradient", a, "cos_full")]
+    return [_grouped_lines(store, "alignment", panels, "eigen_index", lambda i: f"e{int(i)}", "|cos(g, eᵢ)|",
                            "Alignment of the gradient with the sharpest directions", out_dir / "alignment.png")]
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sgdscope.plots._common import color, save, subplots, title
+from sgdscope.plots._common import color, missing_column, no_data, save, subplots, title
 from sgdscope.plots.curves import Curve, compare
 from sgdscope.store import RunStore
 from sgdscope.sweepview import SweepView
+from sgdscope.tables import has
 
 MARKERS_UP_TO = 120  # steps per walk plot above which floor markers would merge into a smear
 
@@ -38,11 +39,16 @@ def _walk(store: RunStore, interp: pd.DataFrame, valley: pd.DataFrame, steps: np
         xs += [*(s + seg["alpha"]), np.nan]  # NaN: no line across a gap between non-adjacent steps
         ys += [*seg["loss"], np.nan]
     ax.plot(xs, ys, color=color(0), lw=1.2, label="loss between θ_t and θ_t+1")
-    v = valley[valley["step"].isin(steps)].sort_values("step")
     marker = "o" if len(steps) <= MARKERS_UP_TO else None
-    ax.plot(v["step"] + v.get("argmin_alpha", 0.0), v["floor"], color=color(1), ls="--", lw=1.1, marker=marker, ms=3,
-            label="valley floor")
-    crossed = v[v["barrier"] == 1]
+    # The valley rows are optional (a user may log the interpolation alone): floors and barriers then go.
+    v = valley[valley["step"].isin(steps)].sort_values("step") if has(valley, "step") else valley
+    if has(v, "floor"):
+        ax.plot(v["step"] + v.get("argmin_alpha", 0.0), v["floor"], color=color(1), ls="--", lw=1.1, marker=marker,
+                ms=3, label="valley floor")
+    else:
+        ax.text(0.01, 0.02, "valley floors and barriers not drawn: " + missing_column("valley", "floor").replace("\n", " "),
+                transform=ax.transAxes, ha="left", va="bottom", fontsize=7.5, color="#6b7280")
+    crossed = v[v["barrier"] == 1] if has(v, "barrier") else v.iloc[0:0]
     if len(crossed):
         tops = interp[interp["step"].isin(crossed["step"])].sort_values("loss").groupby("step").tail(1)
         ax.scatter(tops["step"] + tops["alpha"], tops["loss"], marker="^", color=color(3), s=28, zorder=3,
@@ -51,12 +57,17 @@ def _walk(store: RunStore, interp: pd.DataFrame, valley: pd.DataFrame, steps: np
     ax.set_xlabel("iteration t  (segment θ_t → θ_t+1)")
     ax.legend(loc="upper right")
     # The train row of step t+1 holds g_t (the gradient that moved θ_t) and ‖θ_t+1 − θ₀‖.
-    if len(tr):
+    if has(tr, "step", "grad_cosine_prev"):
         grads = tr[(tr["step"] > steps[0]) & (tr["step"] <= steps[-1] + 1)]
         ax_cos.plot(grads["step"] - 1, grads["grad_cosine_prev"], color=color(2), lw=1.1, marker=marker, ms=2.5)
         ax_cos.axhline(0, color="#6b7280", lw=0.8)
+    else:
+        no_data(ax_cos, missing_column("train", "grad_cosine_prev").replace("\n", " "), clear=False)
+    if has(tr, "step", "param_distance"):
         iterates = tr[(tr["step"] >= steps[0]) & (tr["step"] <= steps[-1] + 1)]
         ax_dist.plot(iterates["step"], iterates["param_distance"], color=color(4), lw=1.3)
+    else:
+        no_data(ax_dist, missing_column("train", "param_distance").replace("\n", " "), clear=False)
     ax_cos.set_ylabel("cos(g_t−1, g_t)")
     ax_dist.set_ylabel("‖θ_t − θ₀‖")
     epochs = sorted(v["epoch"].unique()) if "epoch" in v else []
