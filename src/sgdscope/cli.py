@@ -49,7 +49,7 @@ def _guard(fn):
     return wrapper
 
 
-def _check_out(path: Path, option: str = "--out") -> Path:
+def _check_out(path: Path) -> Path:
     """Refuse, before anything runs, an output directory that cannot be one: an existing file, a path under a
     file, or a place this process cannot write. An existing directory passes: a resume or a sweep continues
     it, and ``run`` itself refuses one that holds another run.
@@ -59,15 +59,15 @@ def _check_out(path: Path, option: str = "--out") -> Path:
     """
     try:
         if path.exists() and not path.is_dir():
-            raise ConfigError(f"{option} {path}: is an existing file; give a directory (new or existing)")
+            raise ConfigError(f"--out {path}: is an existing file; give a directory (new or existing)")
         base = path
         while not base.exists() and base.parent != base:  # the nearest existing folder is where it gets made
             base = base.parent
         if not base.is_dir():
-            raise ConfigError(f"{option} {path}: lies under the file {base}; give a directory (new or existing)")
+            raise ConfigError(f"--out {path}: lies under the file {base}; give a directory (new or existing)")
         os.rmdir(tempfile.mkdtemp(dir=base, prefix=".sgdscope-write-test-"))
     except OSError as err:
-        raise ConfigError(f"{option} {path}: cannot be written ({err.strerror}); give a directory you can write") from None
+        raise ConfigError(f"--out {path}: cannot be written ({err.strerror}); give a directory you can write") from None
     return path
 
 
