@@ -14,6 +14,7 @@ from sgdscope.store import RunStore
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # a fresh interpreter each: importing torch, scikit-learn and matplotlib dominates
 @pytest.mark.parametrize("script", ["own_cnn.py", "own_lm.py"])
 def test_example_writes_a_run_with_its_measurements_and_report(tmp_path, script):
     out = tmp_path / "run"
