@@ -136,8 +136,8 @@ def source(table: str, column: Optional[str] = None) -> str:
     if column is not None and (table, column) in COLUMN_SOURCES:
         return f"enable {COLUMN_SOURCES[table, column]}"
     where = SOURCES.get(table, f"rows in table {table!r}")
-    if column is not None and table == "epoch":
-        return f"log {column!r} in the epoch rows ({where})"
+    if column is not None and table == "epoch":  # epoch rows of an own loop are the user's: say how to add one
+        return f"log it: scope.log('epoch', {{..., {column!r}: ...}})"
     return f"enable {where}" if where.startswith("probe") else f"written by {where}"
 
 
