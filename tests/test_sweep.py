@@ -196,3 +196,12 @@ def test_ray_two_point_sweep(tmp_path):
     finally:
         ray.shutdown()
     assert _states(out) == {"lr=0.05": "done", "lr=0.1": "done"}
+
+
+def test_the_reader_is_sgdscope_sweepview_and_sweep_re_exports_it():
+    # the read side imports sgdscope.sweepview; old callers of sgdscope.sweep get the same objects
+    from sgdscope import sweep, sweepview
+
+    for name in ("open_sweep", "is_sweep", "run_name", "label_for", "symbol", "SweepView", "Member", "SWEEP_FILE"):
+        assert getattr(sweep, name) is getattr(sweepview, name), name
+    assert run_name({"optimizer.lr": 0.1, "optimizer.batch_size": 64, "seed": 2}) == "lr=0.1_bs=64_seed=2"
