@@ -187,7 +187,6 @@ def _facts(cfg: dict[str, Any], status: dict[str, Any]) -> str:
         return _dl([("source", "your own training loop, measured by sgdscope.Scope" if cfg.get("source") == "scope"
                      else str(cfg.get("source", "a config without data, model or optimizer sections"))),
                     ("probes", ", ".join(cfg.get("probes") or {}) or "none"),
-                    ("model", f"{_count(res.get('n_params'))} parameters"),
                     ("now at", f"step {status.get('step', '?')}")], cfg)
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     opt, sched, train = cfg.get("optimizer") or {}, cfg.get("schedule") or {}, cfg.get("train") or {}
@@ -226,8 +225,9 @@ def _measurement_note(cfg: dict[str, Any]) -> str:
         f"eigenvectors, α-steps, alignment) use a fixed subset of <b>{_count(m)}</b> training examples{share}, "
         "drawn once from the run's seed and stored in <code>tensors/measure_subset.safetensors</code>.</p>",
         f"<p><b>BatchNorm during measurements:</b> <code>{_e(policy)}</code>: {_e(_BN.get(policy, ''))}.</p>",
-        f"<p><b>L2 term in measured losses and Hessians:</b> {l2}.</p>",
     ]
+    if "l2_in_measurements" in res or "data" in cfg:  # an own loop's config need not say; then the page does not
+        parts.append(f"<p><b>L2 term in measured losses and Hessians:</b> {l2}.</p>")
     interp = probes.get("interpolation")
     if isinstance(interp, dict):
         where = "the whole training set" if interp.get("subset", "full") == "full" else "the measurement subset"
