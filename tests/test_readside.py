@@ -93,7 +93,7 @@ def test_no_read_side_module_is_over_400_lines():
 # ------------------------------------------------------------------------- stores with any subset
 
 SCOPE_CONFIG = {"seed": 0, "source": "scope", "measure": {"bn_policy": "train-restore", "subset_size": 500},
-                "probes": {"eigen": {"every": 5, "k": 2}, "interpolation": {"every": 1}},
+                "probes": {"eigen": {"every": 5, "k": 2}, "interpolation": {"every": 1}, "alignment": None},
                 "versions": {"sgdscope": "0.1.0", "torch": "2"}, "resolved": {}}
 _TRAIN = {"step": lambda t: t, "epoch": lambda t: (t - 1) // 10 + 1, "lr": lambda t: 0.1,
           "batch_loss": lambda t: 2 / (1 + t), "param_distance": lambda t: t ** 0.5, "grad_cosine_prev": lambda t: -0.3}
@@ -138,6 +138,8 @@ SUBSETS = {
                                      {"alignment"}, {"alignment": ["no alignment.cos_minibatch rows"]}),
     "k_min": ({"k_min": [{"step": s, "eigen_index": 1, "threshold": 0.1, "k_min": 2.0} for s in (0, 5)]},
               {"k_min"}, {}),
+    "k_min-never-closed": ({"k_min": [{"step": s, "eigen_index": 1, "threshold": 0.1, "k_min": math.nan} for s in (0, 5)]},
+                           {"k_min"}, {"k_min": ["k_min.k_min is NaN at every logged step"]}),
     "eigen-without-index": ({"eigen": [{"step": 0, "value": 1.0}]}, set(), {}),
     "train-without-step": ({"train": [{"batch_loss": 1.0}]}, set(), {}),
     "nothing": ({}, set(), {}),
@@ -206,6 +208,7 @@ def test_report_and_summary_of_any_subset(stores, subset):
     assert list(summary.columns) == ["section", "quantity", "value", "detail"]
     page = write_report(store.path).read_text(encoding="utf-8")
     assert "your own training loop, measured by sgdscope.Scope" in page
+    assert "<dt>probes</dt><dd>eigen, interpolation</dd>" in page  # the enabled ones (alignment is None)
     assert "could not be drawn" not in page  # no figure raised inside the report
     for name in drawn:
         assert f'id="fig-{name}"' in page

@@ -186,7 +186,7 @@ def _facts(cfg: dict[str, Any], status: dict[str, Any]) -> str:
     if not any(k in cfg for k in ("data", "model", "optimizer")):  # a user's own loop: what its config records
         return _dl([("source", "your own training loop, measured by sgdscope.Scope" if cfg.get("source") == "scope"
                      else str(cfg.get("source", "a config without data, model or optimizer sections"))),
-                    ("probes", ", ".join(cfg.get("probes") or {}) or "none"),
+                    ("probes", ", ".join(k for k, v in (cfg.get("probes") or {}).items() if v is not None) or "none"),
                     ("now at", f"step {status.get('step', '?')}")], cfg)
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     opt, sched, train = cfg.get("optimizer") or {}, cfg.get("schedule") or {}, cfg.get("train") or {}

@@ -165,8 +165,10 @@ def _grouped_lines(store: RunStore, table: str, panels: list[tuple[str, pd.DataF
     t = time_axis(store)
     fig, axes = subplots(1, len(panels), panel=(max(4.3, 7.5 / len(panels)), 3.1), sharey=True)
     for ax, (name, rows, y) in zip(axes.flat, panels):
-        if not has(rows, y):
-            no_data(ax, "no rows" if not len(rows) else missing_column(table, y))
+        if not has(rows, y) or not rows[y].notna().any():
+            # k_min, for one, is NaN wherever the loss never rose past the threshold on both sides
+            no_data(ax, "no rows" if not len(rows) else missing_column(table, y) if y not in rows
+                    else f"{table}.{y} is NaN at every logged step")
             ax.set_title(name)
             continue
         for j, (v, g) in enumerate(rows.groupby(line_col, sort=True)):
