@@ -251,3 +251,17 @@ def test_bad_tol_eig():
     for bad in (0.0, -1e-3):
         with pytest.raises(ValueError, match="tol_eig"):
             top_eigenpairs(op, k=2, tol_eig=bad)
+
+
+def test_error_bounds_cover_float32_roundoff():
+    """A float32 operator's Ritz values carry round-off that no residual shows (min(r, r²/δ) falls far
+    below it at a tight tol): the bound's √n·ε·max|θ| term covers the error against the float64 Hessian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 24), nn.Tanh(), nn.Linear(24, 5))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(400, 20, generator=g), torch.randint(0, 5, (400,), generator=g)
+    res = top_eigenpairs(HessianOperator(model, cross_entropy, [(x, y)]), k=K, tol=1e-5)
+    exact = HessianOperator(model.to(F64), cross_entropy, [(x.to(F64), y)]).dense()
+    err = (res.values.double() - true_top(exact, K)).abs()
+    assert res.converged and (err <= res.error_bounds.double()).all(), (err, res.error_bounds)
+    assert (res.error_bounds / res.values.abs() < 1e-4).all()
