@@ -342,7 +342,7 @@ def _sweep_tables(view: SweepView) -> str:
         made.append(("jastrzebski_table1", "Jastrzebski et al., Table 1", tables.jastrzebski_table1(runs),
                      "‖H‖_F (top-K, 5-point smoothed) at the best-validation epoch / mean over the last 10 epochs; "
                      "test accuracy at the best-validation epoch; validation accuracy at epoch 50 (a shorter run: at "
-                     "its last epoch, which the column names); "
+                     "its last epoch, as the columns say); "
                      "mean training loss over the last 10 epochs; ‖θ−θ₀‖ and ρ(W) at the best-validation epoch."))
     if has("valley"):
         made.append(("xing_table1_barriers", "Xing et al., Table 1: barriers crossed per epoch",

@@ -25,6 +25,7 @@ from sgdscope.sweepview import is_sweep, open_sweep
 Runs = Mapping[str, "RunStore | str | Path"] | Sequence[tuple[Mapping[str, Any], "RunStore | str | Path"]] | str | Path
 
 LAST_POINTS = 25  # Jastrzebski: k_min and α-step numbers are means over the last 25 logged points
+VAL_EPOCH = 50  # Jastrzebski Table 1 reads the validation accuracy at epoch 50
 SMOOTH = 5  # Jastrzebski: curvature traces are smoothed with a 5-point box filter before peaks are read
 
 
@@ -185,10 +186,10 @@ def _table1_row(store: RunStore, window: int) -> dict[str, float]:
             frob_last = float(curv.loc[curv["epoch"] > ep["epoch"].max() - 10, "frob"].mean())
     row.update({"‖H‖_F best-val": frob_best, "‖H‖_F last-10": frob_last, "test acc": cell(best, "test_acc")})
     if has(ep, "val_acc"):
-        # The paper reads epoch 50; a shorter run is read at its last epoch and the label says which.
-        at50 = ep[ep["epoch"] == 50]
-        used = (at50 if len(at50) else ep.tail(1)).iloc[0]
-        row[f"val acc @ epoch {int(used['epoch'])}"] = cell(used, "val_acc")
+        # The paper reads epoch 50; a shorter run is read at its last epoch, and the table says which.
+        at = ep[ep["epoch"] == VAL_EPOCH]
+        used = (at if len(at) else ep.tail(1)).iloc[0]
+        row["val acc"], row["val acc epoch"] = cell(used, "val_acc"), int(used["epoch"])
     row["loss last-10"] = float(ep["train_loss"].tail(10).mean()) if "train_loss" in ep else math.nan
     row["dist. best-val"] = (_nearest(store.table("train"), best["step"], "param_distance")
                              if best is not None and "step" in best else math.nan)
@@ -201,20 +202,20 @@ def jastrzebski_table1(runs: Runs, window: int = SMOOTH) -> pd.DataFrame:
 
     Columns: the best-validation epoch; ‖H‖_F (√Σ top-K λ², ``window``-point smoothed as in the authors'
     code) at that epoch and its mean over the last 10 epochs; test accuracy at the best-validation epoch;
-    validation accuracy at epoch 50, in a column named ``val acc @ epoch 50`` (a shorter run: at its last
-    epoch N, in ``val acc @ epoch N``, so the label says what was read); mean training loss over the
+    validation accuracy at epoch 50 (a shorter run: at its last epoch N), in a column ``val acc @ epoch N``
+    when every run was read at the same N, else in ``val acc @ epoch 50 or the last`` beside a column
+    ``val acc epoch`` with each run's N (the label says what was read); mean training loss over the
     last 10 epochs; ‖θ − θ₀‖ at the best-validation epoch; mean spectral norm of the weight matrices
     ρ(W) at the best-validation epoch (the paper evaluates its best-validation checkpoint).
     """
     rows = {label: _table1_row(store, window) for label, store in as_runs(runs).items()}
-    rows = {k: v for k, v in rows.items() if v}
-    df = pd.DataFrame.from_dict(rows, orient="index")
-    # Runs of different lengths give different "val acc @ epoch N" columns: keep them next to each other.
-    val = sorted((c for c in df.columns if c.startswith("val acc @ epoch ")), key=lambda c: int(c.rsplit(" ", 1)[1]))
-    if val:
-        at = min(list(df.columns).index(c) for c in val)
-        rest = [c for c in df.columns if c not in val]
-        df = df[rest[:at] + val + rest[at:]]
+    df = pd.DataFrame.from_dict({k: v for k, v in rows.items() if v}, orient="index")
+    if "val acc epoch" in df:
+        read_at = df["val acc epoch"].dropna().unique()
+        if len(read_at) == 1:
+            df = df.drop(columns="val acc epoch").rename(columns={"val acc": f"val acc @ epoch {int(read_at[0])}"})
+        else:
+            df = df.rename(columns={"val acc": f"val acc @ epoch {VAL_EPOCH} or the last"})
     df.index.name = "run"
     return df
 
