@@ -350,3 +350,12 @@ def test_table1_labels_follow_the_run(tmp_path):
     assert t.loc["short", "val acc @ epoch 50 or the last"] == pytest.approx(0.65)
     assert t.loc["shorter", "val acc @ epoch 50 or the last"] == pytest.approx(0.62)
     assert t["val acc epoch"].tolist() == [15, 12]
+
+
+def test_cli_plot_of_a_figure_without_its_data_is_one_line_naming_the_probe(stores):
+    res = subprocess.run([sys.executable, "-m", "sgdscope.cli", "plot", str(stores["train-minimal"].path), "walk"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        f"sgdscope: error: {stores['train-minimal'].path}: figure 'walk' needs rows in table 'interpolation', "
+        "which has none (enable probe 'interpolation')"]
