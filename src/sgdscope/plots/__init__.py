@@ -26,7 +26,9 @@ class Figure(NamedTuple):
     """A registered figure: ``fn(store_or_sweep_view, out_dir) -> [png paths]``, the tables it needs
     (a sweep figure: in at least one run), what it shows, and for a sweep figure the grid keys that make
     it worth showing in a sweep report (``()``: always; a key ending in "." matches a whole section).
-    ``sweep_keys is None`` marks a run figure."""
+    ``sweep_keys is None`` marks a run figure. ``columns`` names, per table, the columns without which
+    the figure cannot be drawn at all; a column that only one panel needs is not listed (that panel
+    says it has no data instead)."""
 
     fn: Callable
     tables: tuple[str, ...]
@@ -93,10 +95,6 @@ FIGURES: dict[str, Figure] = {
 }
 
 
-def _has(store: Optional[RunStore], table: str) -> bool:
-    return store is not None and table in store.tables()
-
-
 def _relevant(fig: Figure, view: SweepView) -> bool:
     keys = fig.sweep_keys or ()
     return not keys or any(v == k or (k.endswith(".") and v.startswith(k)) for v in view.varying for k in keys)
@@ -111,7 +109,7 @@ def missing(name: str, target: RunStore | SweepView) -> Optional[str]:
         if isinstance(target, SweepView):
             reasons = [lacks(m.store, table, cols) for m in target.started()] or [lacks(None, table)]
             if all(reasons):
-                return reasons[0] if len(set(reasons)) == 1 else f"{reasons[0]} in every run"
+                return reasons[0] if len(set(reasons)) == 1 else f"{reasons[0]} (and no other run has it either)"
         elif (why := lacks(target, table, cols)) is not None:
             return why
     return None
