@@ -118,25 +118,32 @@ def test_error_bounds_are_quadratic_in_the_residual_when_separated():
 
 
 def test_ritz_error_bounds_formula():
-    """Two separated values: the fixed point of e_i = r_i²/(gap − e_j); an overlap with nothing else
-    gives r; an overlapping pair well separated from the rest gets its block's quadratic bound."""
-    theta = torch.tensor([5.0, 4.0], dtype=F64)
-    r = torch.tensor([0.1, 0.2], dtype=F64)
-    e = r.clone()
-    for _ in range(50):
-        e = torch.stack([r[0] ** 2 / (1 - e[1]), r[1] ** 2 / (1 - e[0])])
-    torch.testing.assert_close(ritz_error_bounds(theta, torch.diag(r**2), 2), e, rtol=1e-3, atol=0)
-    torch.testing.assert_close(ritz_error_bounds(theta[:1], torch.diag(r[:1] ** 2), 1), r[:1])
-    close = torch.tensor([5.0, 4.9], dtype=F64)
-    torch.testing.assert_close(ritz_error_bounds(close, torch.diag(r**2), 2), r)
-    # 5 and 4.9 overlap; with a third value at 1 (residual 0.5) the pair's residual block (norm 0.2, the
-    # residuals being orthogonal) is 3.9 away, less the third's radius: between 0.2²/3.9 and 0.2²/3.4.
-    cluster = torch.tensor([5.0, 4.9, 1.0], dtype=F64)
-    gram = torch.diag(torch.tensor([0.1, 0.2, 0.5], dtype=F64) ** 2)
-    b = ritz_error_bounds(cluster, gram, 2)
-    assert ((b >= 0.04 / 3.9) & (b <= 0.04 / 3.4)).all(), b
-    with_roundoff = ritz_error_bounds(cluster, gram, 2, roundoff=1e-3)
-    assert (with_roundoff >= b + 1e-3).all()
+    """Hand-derived cases: the quadratic bound with gaps shrunk by the neighbours' bounds; the pair block
+    form; the last Ritz value (the frontier of the unexplored spectrum) and overlaps get r."""
+    theta = torch.tensor([5.0, 4.0, 1.0], dtype=F64)
+    r = torch.tensor([0.1, 0.2, 0.5], dtype=F64)
+    gram = torch.diag(r**2)
+    # θ=4: as a block with 5 (residual norm 0.2, gap to 1 is 3 less its radius 0.5) 0.2²/2.5, below its
+    # own 0.2²/(1 − e_5); θ=5: 0.1²/(1 − e_4); θ=1 borders the unexplored spectrum: r.
+    want = torch.tensor([0.01 / (1 - 0.016), 0.04 / 2.5, 0.5], dtype=F64)
+    torch.testing.assert_close(ritz_error_bounds(theta, gram, 3), want)
+    torch.testing.assert_close(ritz_error_bounds(theta[:1], gram[:1, :1], 1), r[:1])
+    close = torch.tensor([5.0, 4.9, 1.0], dtype=F64)
+    torch.testing.assert_close(ritz_error_bounds(close[:2], gram[:2, :2], 2), r[:2])
+    # With the third value the overlapping pair is a block 3.9 − 0.5 away from the rest.
+    torch.testing.assert_close(ritz_error_bounds(close, gram, 2), torch.full((2,), 0.04 / 3.4, dtype=F64))
+    with_roundoff = ritz_error_bounds(close, gram, 2, roundoff=1e-3)
+    assert (with_roundoff >= 0.04 / 3.4 + 1e-3).all()
+
+
+def test_a_basis_of_k_vectors_certifies_the_last_value_by_its_residual():
+    """With init = k vectors the k-th Ritz value has no neighbour below it in the basis: its bound is its
+    residual, not a quadratic bound against the values above it (which would claim far too much)."""
+    H = with_spectrum(bulk(200, SPECTRA["hessian-like"], 9), 9)
+    lam, Q = torch.linalg.eigh(H)
+    noise = 1e-2 * torch.randn(K, 200, generator=torch.Generator().manual_seed(9), dtype=F64)
+    res = top_eigenpairs(MatrixOp(H), k=K, init=Q[:, -K:].T + noise, max_hvps=K)
+    torch.testing.assert_close(res.error_bounds[-1], res.residuals[-1] * res.values[-1].abs(), rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))

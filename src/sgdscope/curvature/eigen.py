@@ -101,6 +101,10 @@ def ritz_error_bounds(theta: Tensor, gram: Tensor, k: int, roundoff: float = 0.0
     ρ_W = ‖R_W‖₂ and η_W = min_{i∈W, j∉W} (|θ_i − θ_j| − r_j), each θ_i of W is within min(ρ_W, ρ_W²/η_W) of
     its eigenvalue; pair i gets the smallest bound of the windows that contain it (W = {i} is the above).
 
+    The last (least wanted) Ritz value of the basis borders the part of the spectrum the basis has not
+    explored, so windows that contain it get no gap (the bound r): a basis of exactly k vectors certifies
+    its k-th value by the residual alone, while k + guard vectors give it a neighbour on that side.
+
     Assumption (the part no Krylov method can check): no eigenvalue the basis has missed lies closer to θ_i
     than the gap used. For which="LA", Cauchy interlacing also gives θ_i ≤ λ_i: the error is one-sided.
     ``roundoff`` is added to every bound: the solver passes √n·ε·max|θ|, the typical error of a Ritz value
@@ -108,7 +112,7 @@ def ritz_error_bounds(theta: Tensor, gram: Tensor, k: int, roundoff: float = 0.0
     MLP of 17k parameters, where min(r, r²/δ) alone claimed 1e-11).
 
     >>> ritz_error_bounds(torch.tensor([3.0, 1.0], dtype=torch.float64), torch.diag(torch.tensor([0.01, 0.25])), 2)
-    tensor([0.0053, 0.1253], dtype=torch.float64)
+    tensor([0.0067, 0.5000], dtype=torch.float64)
     """
     # A handful of tiny matrices: on the CPU, where each step is not a device launch.
     device, theta, gram = theta.device, theta.cpu(), gram.cpu().to(theta.dtype)
@@ -124,13 +128,16 @@ def ritz_error_bounds(theta: Tensor, gram: Tensor, k: int, roundoff: float = 0.0
             outside = torch.ones(m, dtype=torch.bool)
             outside[W] = False
             rho = float(torch.linalg.eigvalsh(gram[W][:, W])[-1].clamp_min(0).sqrt())
-            windows.append((W, outside, (theta[W, None] - theta[None, outside]).abs().min(dim=0).values, rho))
+            dist = (theta[W, None] - theta[None, outside]).abs().min(dim=0).values
+            # The least wanted Ritz value borders the spectrum the basis has not explored: no gap there.
+            frontier = bool((W == m - 1).any())
+            windows.append((W, outside, dist, rho, frontier))
     # The gaps shrink by the neighbours' radii; once those are quadratic bounds themselves the gaps widen,
     # so a few passes tighten every bound (each pass keeps them valid: it only uses valid radii).
     for _ in range(3):
         new = err[:p].clone()
-        for W, outside, dist, rho in windows:
-            eta = float((dist - err[outside]).min()) if outside.any() else 0.0
+        for W, outside, dist, rho, frontier in windows:
+            eta = float((dist - err[outside]).min()) if outside.any() and not frontier else 0.0
             new[W] = new[W].clamp_max((min(rho, rho**2 / eta) if eta > 0 else rho) + roundoff)
         if torch.equal(new, err[:p]):
             break
