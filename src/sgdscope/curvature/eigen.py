@@ -70,7 +70,7 @@ class EigenResult:
     def message(self) -> str:
         """One line, fit for a log or a warning."""
         worst = float(self.residuals.max())
-        err = float((self.error_bounds / self.values.abs()).max())
+        err = float((self.error_bounds / self.values.abs().clamp_min(torch.finfo(self.values.dtype).tiny)).max())
         state = "converged" if self.converged else "NOT converged"
         target = f"tol {self.tol:.0e}" + (f", tol_eig {self.tol_eig:.0e}" if self.tol_eig is not None else "")
         return (
