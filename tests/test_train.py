@@ -209,3 +209,21 @@ def test_sigint_leaves_interrupted_and_resume_completes(tmp_path):
     assert s.status()["state"] == "done"
     steps = s.table("train")["step"].tolist()
     assert steps == list(range(1, 150 * 7 + 1))  # every step once: nothing lost, nothing duplicated
+
+
+def test_mse_loss_is_used_and_recorded(tmp_path):
+    """train.loss: mse trains on ½‖f(x) − onehot(y)‖² (edge-of-stability studies); the first batch loss
+    equals that loss of the initial model on the first minibatch, computed by hand."""
+    from sgdscope.train import BatchStream, Trainer
+
+    cfg = validate(tiny(**{"train.loss": "mse", "train.epochs": 1}))
+    init = Trainer(cfg, torch.device("cpu"), progress=False)
+    idx = BatchStream(len(init.data.train.x), 32, cfg.seed, torch.device("cpu")).indices(0)
+    with torch.no_grad():
+        out = init.model(init.data.train.x[idx])
+        onehot = torch.nn.functional.one_hot(init.data.train.y[idx], out.shape[-1]).to(out.dtype)
+        by_hand = float(0.5 * ((out - onehot) ** 2).sum(-1).mean())
+    path = run(cfg, tmp_path / "m", progress=False)
+    s = RunStore(path)
+    assert s.config()["train"]["loss"] == "mse" and s.config()["resolved"]["loss"] == "mse"
+    assert s.table("train")["batch_loss"].iloc[0] == pytest.approx(by_hand, rel=1e-6)

@@ -14,6 +14,7 @@ says what is wrong and whether the run can resume.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import weakref
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +207,31 @@ def _damage_reason(err: BaseException) -> str | None:
     return None
 
 
+# Open SQLite connections per database file in this process. SQLite's locks are POSIX record locks, which
+# the kernel drops for the whole process when ANY descriptor of the file is closed: reading the header with
+# a second descriptor while a connection is open would silently unlock that connection and let a concurrent
+# writer and this process's checkpoint interleave (a store corrupted on resume, seen in test_sigint).
+_OPEN_CONNECTIONS: collections.Counter = collections.Counter()
+
+
+def _forget_connection(key: str) -> None:
+    _OPEN_CONNECTIONS[key] -= 1
+
+
+class _CountedConnection(sqlite3.Connection):
+    """A connection counted in ``_OPEN_CONNECTIONS`` until it is closed or collected (whichever comes first:
+    a connection can outlive its store, held by a reader such as pandas)."""
+
+    def count_as(self, key: str) -> None:
+        _OPEN_CONNECTIONS[key] += 1
+        self._uncount = weakref.finalize(self, _forget_connection, key)
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "_uncount"):
+            self._uncount()  # runs once: a later collection does not count it off again
+
+
 def _header_problem(db: Path) -> str | None:
     """Why the bytes of ``db`` cannot be a whole SQLite database, or None if they may be.
 
@@ -366,7 +393,11 @@ class RunStore:
 
         SQLite removes them itself when the last connection closes, except on a damaged file, whose final
         checkpoint fails; a command that refuses a damaged store must leave the directory as it found it.
+        Never while another process writes the directory: its connection may have made those files between
+        this store's look and its open (a writer starting up), and unlinking a live WAL corrupts the store.
         """
+        if not self._lock.held and _WriterLock.holder(self.path) is not None:
+            return
         db = self.path / DB_FILE
         wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
         if wal in self._side_files and wal.is_file() and wal.stat().st_size == 0:
@@ -378,13 +409,16 @@ class RunStore:
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             path = self.path / DB_FILE
-            problem = _header_problem(path) if path.exists() else None
+            key = str(path.resolve())
+            # the header is read with a descriptor of our own only while no connection here has the file open
+            problem = _header_problem(path) if path.exists() and not _OPEN_CONNECTIONS[key] else None
             if problem is not None:
                 raise StoreDamagedError(path, problem)
             self._side_files = {f for f in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
                                 if not f.exists()}
             with self._guard():
-                db = sqlite3.connect(path, timeout=30, isolation_level=None)
+                db = sqlite3.connect(path, timeout=30, isolation_level=None, factory=_CountedConnection)
+                db.count_as(key)
                 try:
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute("PRAGMA synchronous=NORMAL")
