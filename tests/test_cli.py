@@ -541,7 +541,6 @@ def test_second_writer_exits_2_naming_the_pid(tmp_path, finished_run):
         holder.close()
 
 
-@pytest.mark.xfail(strict=False, reason="sweep.py does not hold writer_lock(out) yet")
 def test_second_sweep_writer_exits_2_naming_the_pid(tmp_path):
     from sgdscope.store import writer_lock
 

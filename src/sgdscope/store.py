@@ -23,8 +23,6 @@ import re
 import sqlite3
 import tempfile
 import weakref
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -32,10 +30,10 @@ import pandas as pd
 import yaml
 
 from sgdscope.errors import RunStoreError, StoreDamagedError
+from sgdscope.lock import LOCK_FILE, WriterLock, writer_lock  # noqa: F401 - re-exported: part of this API
 
 STORE_FORMAT = 1
 STATES = ("running", "done", "failed", "interrupted")
-LOCK_FILE = ".lock"
 DB_FILE = "metrics.db"
 # Columns that identify one observation, per table: a second row with the same key means a step was
 # committed twice (two writers, or a resume that did not truncate).
@@ -76,108 +74,8 @@ def _clean(v: Any) -> Any:
     return v
 
 
-# ------------------------------------------------------------------------------------------- the lock
-
-
-def _busy(directory: Path) -> RunStoreError:
-    """The error for a directory whose writer lock is held, naming the holder's PID when it has written it."""
-    try:
-        pid = (directory / LOCK_FILE).read_text().strip()
-    except OSError:
-        pid = ""
-    who = f"PID {pid}" if pid.isdigit() else "PID unknown"  # the holder truncates and rewrites it: a race can read ""
-    return RunStoreError(f"{directory}: another sgdscope process ({who}) is writing to it; wait for it or stop it")
-
-
-class _WriterLock:
-    """An exclusive ``flock`` on ``DIRECTORY/.lock`` that holds this process's PID while it is held.
-
-    ``flock`` (not a PID file checked for liveness) because the kernel releases it when the holder dies, even
-    by SIGKILL, so there is never a stale lock to clean up and no PID-reuse race. The file is never
-    removed: unlinking it on release would let a waiter lock the old inode while a newcomer locks a new one.
-    """
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self._file: Any = None
-
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
-    def acquire(self) -> None:
-        """Take the lock (a no-op when this object holds it); RunStoreError naming the holder if it is taken."""
-        import fcntl  # POSIX only, imported where it is needed so that reading a store works everywhere
-
-        if self._file is not None:
-            return
-        path = self.directory / LOCK_FILE
-        try:
-            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
-        except OSError as err:
-            raise RunStoreError(f"{self.directory}: cannot take the writer lock {path} ({err.strerror})") from None
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise _busy(self.directory) from None
-        except BaseException:
-            f.close()
-            raise
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n".encode())
-        self._file = f
-
-    def release(self) -> None:
-        """Drop the lock (a no-op when not held). The PID is erased first, so the file never names a process
-        that no longer writes."""
-        f, self._file = self._file, None
-        if f is None:
-            return
-        try:
-            f.truncate(0)
-        finally:
-            f.close()  # closing the descriptor is what drops the flock
-
-    @staticmethod
-    def holder(directory: str | Path) -> int | None:
-        """The PID of the process that holds the lock of ``directory`` now, or None (probed with a shared
-        lock on a read-only descriptor, so probing writes nothing)."""
-        import fcntl
-
-        path = Path(directory) / LOCK_FILE
-        try:
-            f = open(path, "rb")
-        except OSError:
-            return None
-        with f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = f.read().decode(errors="replace").strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            return None
-
-
-@contextlib.contextmanager
-def writer_lock(directory: str | Path) -> Iterator[Path]:
-    """Hold the one-writer lock of ``directory`` (a sweep directory, say) for the ``with`` block.
-
-    The directory is made if absent. A second holder, in this process or another, gets
-    ``RunStoreError("DIR: another sgdscope process (PID n) is writing to it; wait for it or stop it")``.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    lock = _WriterLock(d)
-    lock.acquire()
-    try:
-        yield d
-    finally:
-        lock.release()
-
-
 # ------------------------------------------------------------------------------------------- damage
+
 
 # SQLite's primary result codes for a file that is not (or no longer) a database, and the short read of
 # a truncated one; a busy or locked database is an OperationalError with other codes and is not damage.
@@ -260,33 +158,6 @@ def _header_problem(db: Path) -> str | None:
     return None
 
 
-@dataclass
-class CheckReport:
-    """What :meth:`RunStore.check` found. ``healthy`` is False when SQLite's integrity check or one of the
-    store's own invariants failed; ``can_resume`` says whether ``sgdscope run ... --resume`` would continue."""
-
-    path: Path
-    state: str
-    integrity: str = "ok"  # "ok", or what SQLite (or the header check) found
-    problems: list[str] = field(default_factory=list)  # broken invariants, one line each
-    notes: list[str] = field(default_factory=list)  # facts that are fine: row counts, the checkpoint's step
-    can_resume: bool = False
-    resume: str = ""  # why it can or cannot resume
-
-    @property
-    def healthy(self) -> bool:
-        return self.integrity == "ok" and not self.problems
-
-    def lines(self) -> list[str]:
-        """The findings as lines for a terminal."""
-        out = [f"run: {self.path}", f"  state: {self.state}", f"  sqlite integrity: {self.integrity}"]
-        out += [f"  {n}" for n in self.notes]
-        out += [f"  PROBLEM: {p}" for p in self.problems]
-        out.append(f"  resume: {'yes' if self.can_resume else 'no'} ({self.resume})")
-        out.append(f"  verdict: {'healthy' if self.healthy else 'damaged'}")
-        return out
-
-
 class RunStore:
     """A run directory. ``RunStore(path)`` opens an existing run; :meth:`create` makes a new one.
 
@@ -311,7 +182,7 @@ class RunStore:
                 )
         self._db: sqlite3.Connection | None = None
         self._columns: dict[str, set[str]] = {}
-        self._lock = _WriterLock(self.path)
+        self._lock = WriterLock(self.path)
         self._side_files: set[Path] = set()  # SQLite's -wal/-shm files that did not exist before this store opened
 
     # ------------------------------------------------------------------------------------------ creation
@@ -370,7 +241,7 @@ class RunStore:
 
     def writer_pid(self) -> int | None:
         """The PID of the process writing this directory now (-1 if it has not said yet), or None."""
-        return os.getpid() if self._lock.held else _WriterLock.holder(self.path)
+        return os.getpid() if self._lock.held else WriterLock.holder(self.path)
 
     # --------------------------------------------------------------------------------------------- rows
     @contextlib.contextmanager
@@ -396,7 +267,7 @@ class RunStore:
         Never while another process writes the directory: its connection may have made those files between
         this store's look and its open (a writer starting up), and unlinking a live WAL corrupts the store.
         """
-        if not self._lock.held and _WriterLock.holder(self.path) is not None:
+        if not self._lock.held and WriterLock.holder(self.path) is not None:
             return
         db = self.path / DB_FILE
         wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
@@ -514,7 +385,7 @@ class RunStore:
         another process that holds the writer lock: no rows yet, not damage (and a reader must not open it,
         which would write the header itself)."""
         db = self.path / DB_FILE
-        return db.stat().st_size == 0 and not self._lock.held and _WriterLock.holder(self.path) is not None
+        return db.stat().st_size == 0 and not self._lock.held and WriterLock.holder(self.path) is not None
 
     def tables(self) -> list[str]:
         """Names of the tables that hold rows."""
@@ -531,93 +402,11 @@ class RunStore:
             return pd.read_sql_query(f'SELECT * FROM "{name}" ORDER BY rowid', self.db)
 
     # -------------------------------------------------------------------------------------------- check
-    def check(self) -> CheckReport:
-        """Check the store without changing its data: SQLite's integrity check, then the store's invariants (no
-        step committed twice, no row past the end of a finished run, ``status.json`` agreeing with
-        ``checkpoints/last.pt``), and whether the run can resume."""
-        status = self.status()
-        state, step = status.get("state", "?"), status.get("step")
-        rep = CheckReport(self.path, state)
-        db = self.path / DB_FILE
-        if not db.is_file():
-            rep.notes.append(f"{DB_FILE}: absent (no rows written yet)")
-        else:
-            try:
-                with self._guard():
-                    rep.integrity = "; ".join(r[0] for r in self.db.execute("PRAGMA integrity_check(5)"))
-                    if rep.integrity == "ok":
-                        self._check_rows(rep, state, step)
-            except StoreDamagedError as err:
-                rep.integrity = err.reason
-        ckpt_step = self._check_checkpoint(rep, state, step)
-        pid = self.writer_pid()
-        if not rep.healthy:
-            rep.resume = "the store is damaged; resuming would build on it"
-        elif pid is not None and not self._lock.held:
-            rep.resume = f"PID {pid} is writing to it now"
-        elif state == "done":
-            rep.resume = "the run is done"
-        elif state in ("running", "interrupted", "failed"):
-            rep.can_resume = True
-            rep.resume = "`sgdscope run CONFIG --out DIR --resume` continues " + (
-                f"from the checkpoint at step {ckpt_step}" if ckpt_step is not None else "from step 0 (no checkpoint)")
-        else:
-            rep.resume = f"unknown state {state!r}"
-        return rep
+    def check(self):
+        """Check the store without changing its data (see :func:`sgdscope.storecheck.check_store`)."""
+        from sgdscope.storecheck import check_store
 
-    def _check_rows(self, rep: CheckReport, state: str, step: Any) -> None:
-        names = self._table_names()
-        counts = {t: self.db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in names}
-        rep.notes.append("rows: " + (", ".join(f"{t} {n}" for t, n in counts.items()) or "none"))
-        for table, key in UNIQUE_KEYS.items():
-            if table not in names or not set(key) <= self._column_names(table):
-                continue
-            cols = ", ".join(f'"{k}"' for k in key)
-            dup = self.db.execute(f'SELECT {cols}, COUNT(*) FROM "{table}" GROUP BY {cols} HAVING COUNT(*) > 1 '
-                                  f"ORDER BY {cols}").fetchall()
-            if dup:
-                first = ", ".join(f"{k}={v}" for k, v in zip(key, dup[0]))
-                rep.problems.append(f"{table}: {len(dup)} {'/'.join(key)} value(s) appear more than once "
-                                    f"(first: {first}, {dup[0][-1]} rows); two writers, or a resume that kept old rows")
-        if state == "done" and isinstance(step, int):
-            for table in names:
-                if "logged_at" not in self._column_names(table):
-                    continue
-                n = self.db.execute(f'SELECT COUNT(*) FROM "{table}" WHERE logged_at > ?', (step,)).fetchone()[0]
-                if n:
-                    rep.problems.append(f"{table}: {n} row(s) logged after step {step}, where the finished run ends")
-
-    def _check_checkpoint(self, rep: CheckReport, state: str, step: Any) -> int | None:
-        """Compare ``checkpoints/last.pt`` with the status and the rows; its step, or None without one."""
-        path = self.path / "checkpoints" / "last.pt"
-        if not path.is_file():
-            return None
-        import torch  # only here: checking rows alone needs no torch
-
-        try:
-            with warnings.catch_warnings():  # torch's advice on foreign pickles is not ours to print
-                warnings.simplefilter("ignore")
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
-        except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed from
-            first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-            rep.problems.append(f"checkpoints/last.pt: unreadable with weights_only=True ({first[:200]})")
-            return None
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("step"), int):
-            rep.problems.append("checkpoints/last.pt: not a sgdscope run checkpoint (no integer 'step')")
-            return None
-        ckpt_step = ckpt["step"]
-        rep.notes.append(f"checkpoints/last.pt: step {ckpt_step}")
-        if state == "done" and step != ckpt_step:
-            rep.problems.append(f"status.json says the run finished at step {step}, checkpoints/last.pt is at step "
-                                f"{ckpt_step}")
-        elif state in ("interrupted", "failed") and isinstance(step, int) and ckpt_step > step:
-            rep.problems.append(f"checkpoints/last.pt is at step {ckpt_step}, past status.json's step {step}")
-        if rep.integrity == "ok" and "train" in self.tables() and "step" in self._column_names("train"):
-            last = self.db.execute('SELECT MAX(step) FROM "train"').fetchone()[0]
-            if last is not None and ckpt_step > last:
-                rep.problems.append(f"checkpoints/last.pt is at step {ckpt_step}, but the train table ends at step "
-                                    f"{last}: the rows between would be missing after a resume")
-        return ckpt_step
+        return check_store(self)
 
     # ------------------------------------------------------------------------------------------ tensors
     def save_tensors(self, name: str, tensors: Mapping[str, Any]) -> Path:

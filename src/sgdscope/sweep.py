@@ -24,7 +24,7 @@ import yaml
 
 from sgdscope.config import parse_value, set_dotted
 from sgdscope.errors import ConfigError, RunStoreError
-from sgdscope.store import RunStore, atomic_write_bytes
+from sgdscope.store import RunStore, atomic_write_bytes, writer_lock
 # The reader lives in sgdscope.sweepview (the read side imports it without the executor); its names are
 # re-exported here for callers that import them from sgdscope.sweep.
 from sgdscope.sweepview import (
@@ -306,29 +306,30 @@ def run_sweep(config_raw: Mapping[str, Any], grid: Mapping[str, list[Any]], out:
         except ConfigError as err:
             raise ConfigError(f"grid point {run_name(overrides)}: {err}") from None
     out = Path(out)
-    runs = _write_spec(out, config_raw, grid, seeds, points)
-    jobs, n_done = _plan(runs, config_raw, out)
-    failures: dict[str, str] = {}
-    bar = tqdm(total=len(runs), initial=n_done, desc="sweep", unit="run", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    with writer_lock(out):  # one writer per sweep directory, as per run directory
+        runs = _write_spec(out, config_raw, grid, seeds, points)
+        jobs, n_done = _plan(runs, config_raw, out)
+        failures: dict[str, str] = {}
+        bar = tqdm(total=len(runs), initial=n_done, desc="sweep", unit="run", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True)
 
-    def report(job: _Job, err: Optional[str]) -> None:
-        if err is not None:
-            failures[job.name] = err
-        if progress:
-            bar.write(f"  {'done' if err is None else 'FAILED':6s}  {job.name}" + (f": {err}" if err else ""),
-                      file=sys.stderr)
-        bar.update(1)
-        if failures:
-            bar.set_postfix(failed=len(failures))
+        def report(job: _Job, err: Optional[str]) -> None:
+            if err is not None:
+                failures[job.name] = err
+            if progress:
+                bar.write(f"  {'done' if err is None else 'FAILED':6s}  {job.name}" + (f": {err}" if err else ""),
+                          file=sys.stderr)
+            bar.update(1)
+            if failures:
+                bar.set_postfix(failed=len(failures))
 
-    try:
-        if jobs and backend == "local":
-            _local(jobs, max(1, min(workers or _cores(), len(jobs))), report)
-        elif jobs:
-            _ray(jobs, workers, address, report)
-    finally:
-        bar.close()
+        try:
+            if jobs and backend == "local":
+                _local(jobs, max(1, min(workers or _cores(), len(jobs))), report)
+            elif jobs:
+                _ray(jobs, workers, address, report)
+        finally:
+            bar.close()
     if failures:
         for name, err in failures.items():
             print(f"sgdscope: run {name} failed: {err}", file=sys.stderr)

@@ -68,26 +68,31 @@ def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *,
     store = _reopen(out, want) if resume else None
     if store is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunStoreError(f"{out}: already exists and is not empty; pass --resume to continue it or choose --out")
-    if store is not None:
-        store.acquire_writer()  # before reading its status: another writer may be finishing it
-        if store.status().get("state") == "done":
+    try:  # until training starts, any failure gives the directory's lock back
+        if store is not None:
+            store.acquire_writer()  # before reading its status: another writer may be finishing it
+            if store.status().get("state") == "done":
+                store.close()
+                return out
+        # every input error surfaces here, before anything is written; on resume the Scope drops the rows
+        # committed after the restored step (all of them when no checkpoint was written yet)
+        trainer = Trainer(cfg, device, progress, resume=store is not None)
+        if store is None:
+            store = RunStore.create(out, {**want, **trainer.info()}, writer=True)
+            store.save_tensors("measure_subset", {"indices": trainer.measure_idx})
+        else:
+            for stale in (store.path / "checkpoints").glob(".*.tmp"):  # a crash inside an atomic write
+                stale.unlink()
+        trainer.attach(store, *_extra_sinks(cfg, store))
+        ckpt = store.path / "checkpoints" / "last.pt"
+        if resume and ckpt.is_file():
+            state = load_checkpoint(ckpt)
+            check_format(ckpt, state)
+            trainer.load_checkpoint(state)
+    except BaseException:
+        if store is not None:
             store.close()
-            return out
-    # every input error surfaces here, before anything is written; on resume the Scope drops the rows
-    # committed after the restored step (all of them when no checkpoint was written yet)
-    trainer = Trainer(cfg, device, progress, resume=store is not None)
-    if store is None:
-        store = RunStore.create(out, {**want, **trainer.info()}, writer=True)
-        store.save_tensors("measure_subset", {"indices": trainer.measure_idx})
-    else:
-        for stale in (store.path / "checkpoints").glob(".*.tmp"):  # a crash inside an atomic write
-            stale.unlink()
-    trainer.attach(store, *_extra_sinks(cfg, store))
-    ckpt = store.path / "checkpoints" / "last.pt"
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        check_format(ckpt, state)
-        trainer.load_checkpoint(state)
+        raise
     store.set_status("running", step=trainer.step, epoch=trainer.epoch)
     try:
         trainer.fit()
