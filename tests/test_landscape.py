@@ -23,7 +23,7 @@ from sgdscope.landscape import (
 )
 from sgdscope.landscape.valley import BARRIER_REL_TOL
 from sgdscope.losses import cross_entropy, evaluate, forward, functional_forward, n_targets, split_batches, take
-from sgdscope.policy import BN_POLICIES, fixed_masks, mask_stream_seed, measurement_mode, norm_buffers
+from sgdscope.policy import BN_POLICIES, fixed_masks, measurement_mode, norm_buffers
 
 ALPHAS = [i / 10 for i in range(11)]
 

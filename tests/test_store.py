@@ -1,7 +1,6 @@
 import functools
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys

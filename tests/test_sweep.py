@@ -18,8 +18,7 @@ from sgdscope.report import write_report
 from sgdscope.store import RunStore
 from sgdscope.sweep import SweepFailed, expand_grid, open_sweep, parse_grid, run_name, run_sweep
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_report import CHROMIUM, check_in_browser  # noqa: E402
+from browser import CHROMIUM, check_in_browser  # noqa: E402
 
 TINY = {
     "device": "cpu",
