@@ -32,6 +32,13 @@ def check_every(v: Any) -> Any:
     raise ValueError("must be 'epoch' or a positive number of steps")
 
 
+def check_eigen_indices(v: list[int]) -> list[int]:
+    """Eigenvector numbers are 1-based (1 = the sharpest direction) and at least one is asked for."""
+    if not v or min(v) < 1:
+        raise ValueError("must be a non-empty list of 1-based eigen indices")
+    return v
+
+
 class _Probe(Strict):
     every: Every = "epoch"
     first_steps: int = Field(0, ge=0)  # zoom: also measure at every step <= first_steps
@@ -65,12 +72,7 @@ class DirectionProbe(_Probe):
     n_grads: int = Field(10, gt=0)
     thresholds: list[float] = Field(default_factory=lambda: [0.01, 0.1])
 
-    @field_validator("eigen_indices")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("must be a non-empty list of 1-based eigen indices")
-        return v
+    _indices = field_validator("eigen_indices")(check_eigen_indices)
 
 
 class AlphaStepProbe(_Probe):
@@ -85,12 +87,7 @@ class AlphaStepProbe(_Probe):
             raise ValueError("must be a non-empty, increasing list of positive step multipliers")
         return v
 
-    @field_validator("eigen_indices")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("must be a non-empty list of 1-based eigen indices")
-        return v
+    _indices = field_validator("eigen_indices")(check_eigen_indices)
 
 
 class InterpolationProbe(_Probe):

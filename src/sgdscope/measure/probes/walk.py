@@ -12,10 +12,8 @@ from __future__ import annotations
 import torch
 
 from sgdscope.curvature.flat import get_flat
-from sgdscope.landscape import interpolate, valley_profile
+from sgdscope.landscape import BARRIER_REL_TOL, interpolate, valley_profile  # the tolerance is recorded per row
 from sgdscope.measure.probes.base import Probe, Rows, StepInfo
-
-BARRIER_REL_TOL = 1e-6  # a rise above both ends must exceed this fraction of them: round-off makes no barrier
 
 
 class InterpolationProbe(Probe):
