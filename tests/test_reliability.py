@@ -176,7 +176,11 @@ _WORKER = textwrap.dedent(
             return super().execute(sql, *a)
 
     real_connect = sqlite3.connect
-    sqlite3.connect = lambda *a, **kw: real_connect(*a, factory=DyingConnection, **kw)
+
+    def connect(*a, factory=sqlite3.Connection, **kw):  # on top of the store's own connection class
+        return real_connect(*a, factory=type("Dying", (DyingConnection, factory), {}), **kw)
+
+    sqlite3.connect = connect
     real_replace = os.replace
 
     def dying_replace(src, dst):
