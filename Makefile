@@ -7,4 +7,4 @@ test:
 	./scripts/setup --dev && .venv/bin/python -m pytest
 
 bench:
-	./scripts/setup && .venv/bin/pip install -q -e ".[bench]" && .venv/bin/python bench/curvature.py && .venv/bin/python bench/interpolation.py
+	./scripts/setup && .venv/bin/pip install -q -e ".[bench]" && .venv/bin/python bench/curvature.py && .venv/bin/python bench/interpolation.py && .venv/bin/python bench/tracking.py
