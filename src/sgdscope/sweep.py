@@ -24,7 +24,7 @@ import yaml
 
 from sgdscope.config import parse_value, set_dotted
 from sgdscope.errors import ConfigError, RunStoreError
-from sgdscope.store import RunStore, atomic_write_bytes, writer_lock
+from sgdscope.store import LOCK_FILE, RunStore, atomic_write_bytes, writer_lock
 # The reader lives in sgdscope.sweepview (the read side imports it without the executor); its names are
 # re-exported here for callers that import them from sgdscope.sweep.
 from sgdscope.sweepview import (
@@ -269,7 +269,7 @@ def _write_spec(out: Path, config_raw: dict[str, Any], grid: dict[str, list[Any]
         old = _read_spec(out)
         if (old.get("base"), old.get("grid"), old.get("seeds")) != (config_raw, grid, seeds):
             raise RunStoreError(f"{out}: holds a different sweep (its config, grid or seeds differ); choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):  # the lock is this writer's own
         raise RunStoreError(f"{out}: already exists, is not empty and holds no {SWEEP_FILE}; choose another --out")
     else:
         atomic_write_bytes(path, yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode())
