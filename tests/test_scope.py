@@ -283,3 +283,30 @@ def test_dropout_barriers_are_a_property_of_the_parameters_not_of_the_masks():
     flat = scopes[0].table("interpolation").query("step == 21")["loss"].to_numpy()
     # (1−α)θ + αθ is θ up to float32 round-off, and the masks are one set: flat to round-off, no barrier
     assert np.ptp(flat) <= 1e-6 * flat[0] and scopes[0].table("valley").iloc[-1]["barrier"] == 0
+
+
+def test_epoch_ends_marked_inside_the_block_or_by_steps_per_epoch():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def one(scope, end=False, **cols):
+        with scope.step(opt) as rec:
+            opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+            if end:
+                rec.end_epoch()
+                rec.record_epoch(**cols)
+
+    marked = Scope(model, F.cross_entropy, (x, y), probes={"eigen": {"k": 1}})
+    one(marked); one(marked, end=True, val_acc=0.25); one(marked)
+    ep = marked.table("epoch")
+    assert ep[["epoch", "step", "val_acc"]].values.tolist() == [[1, 2, 0.25]] and ep["param_norm"].notna().all()
+    assert marked.table("eigen")["step"].tolist() == [0, 2]  # every: epoch → step 0 and the marked end
+    assert marked.table("train")["epoch"].tolist() == [1, 1, 2]
+    auto = Scope(model, F.cross_entropy, (x, y), steps_per_epoch=2)
+    one(auto); one(auto)
+    auto.end_epoch()  # already ended by steps_per_epoch: no second row
+    with pytest.raises(ValueError, match="record_epoch"):
+        auto.end_epoch(val_acc=1.0)
+    assert auto.table("epoch")["epoch"].tolist() == [1]

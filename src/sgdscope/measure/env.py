@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdscope import seeds
-from sgdscope.losses import Batch, n_targets, split_batches
+from sgdscope.losses import Batch, split_batches
 
 if TYPE_CHECKING:  # pragma: no cover
     from sgdscope.measure.tracker import EigenTracker
@@ -111,6 +111,3 @@ class Env:
         """The keywords every landscape kernel takes: loss, BN policy, L2, ignore index, mask seed."""
         return dict(loss_fn=self.loss_fn, bn_policy=self.bn_policy, weight_decay=self.l2,
                     ignore_index=self.ignore_index, mask_seed=self.mask_seed(tag, step))
-
-    def weight_of(self, y: Tensor) -> int:
-        return n_targets(y, self.ignore_index)
