@@ -77,13 +77,13 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, batch_size=min(o.batch_size, n_train),
             weight_decay=o.weight_decay, include_l2=m.include_l2, measure_batch_size=m.batch_size, resume=resume,
         )
+        self.theta0_norm = float(self.scope.env.theta0.norm())  # the Scope already holds θ0: no second copy
         if o.name == "nsgd":  # the subspace comes from the Scope's tracker: size it before anything runs
             self.scope.track(o.k)
         self.step, self.epoch, self.best_val_acc = 0, 0, -1.0
         self.val_history: list[float] = []  # early stopping reads this, never the store
         self.nan_streak = 0  # on_nan: skip: consecutive skipped steps
         self.first_loss: Optional[float] = None  # the divergence bound's reference (train.divergence_factor)
-        self.theta0_norm = float(get_flat(self.model).norm())
 
     def attach(self, store, *extra_sinks) -> None:
         """Give the trainer its run directory (after every input was validated)."""
