@@ -302,6 +302,9 @@ def run_summary(store: RunStore, last: int = LAST_POINTS) -> pd.DataFrame:
             rows.append(("α-step", f"α = {a:g} along {d}: loss change", 100 * float(g["relative_change"].mean()),
                          f"% of L(θ); mean of last {g['step'].nunique()} points"))
     rows += _walk_rows(store.table("valley"))
+    from sgdscope.summaries import extra_rows  # its modules import this one's helpers
+
+    rows += extra_rows(store)
     return pd.DataFrame(rows, columns=["section", "quantity", "value", "detail"])
 
 
