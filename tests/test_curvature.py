@@ -115,12 +115,40 @@ def test_operator_matches_autograd_hessian(method):
     torch.testing.assert_close(op.matmat(V), V @ H, rtol=0, atol=1e-12)
 
 
-def test_auto_method_is_double_backward_and_agrees_with_jvp():
+def test_auto_method_times_both_keeps_the_faster_and_caches_it(monkeypatch):
+    """"auto" times each method on the first product (single and block separately), keeps the faster,
+    and an operator built again on the same model and batch shapes reuses the choice without timing."""
+    import sgdscope.curvature.hessian as hess
+
     model = mlp()
     batches = [data(9)]
+    monkeypatch.setattr(hess, "AUTO_CHOICES", {})
+    # a fake clock: jvp products "take" 1 s, double-backward ones 3 s, whatever the machine does
+    clock = {"t": 0.0, "method": None}
+    real = {m: getattr(HessianOperator, f"_hvp_{m.replace('-', '_')}") for m in HVP_METHODS}
+    for m in HVP_METHODS:
+        def fake(self, *a, _m=m, **kw):
+            clock["t"] += 1.0 if _m == "jvp" else 3.0
+            return real[_m](self, *a, **kw)
+        monkeypatch.setattr(HessianOperator, f"_hvp_{m.replace('-', '_')}", fake)
+    monkeypatch.setattr(hess.time, "perf_counter", lambda: clock["t"])
     auto = HessianOperator(model, cross_entropy, batches)
-    assert auto.method == "double-backward"
-    torch.testing.assert_close(auto.dense(), HessianOperator(model, cross_entropy, batches, method="jvp").dense())
+    assert auto.method is None and auto.block_method is None
+    dense = auto.dense()  # a block: times the block products
+    assert auto.block_method == "jvp" and auto.method_timings["block"] == {"jvp": 1.0, "double-backward": 3.0}
+    v = torch.randn(auto.n_params, dtype=F64)
+    hv = auto.matvec(v)
+    assert auto.method == "jvp" and auto.n_hvps == auto.n_params + 1
+    assert auto.n_timing_hvps == 2 * 2 * 2 + 2 * 2  # best of two per method (a block: 2 rows); not in n_hvps
+    exact = HessianOperator(model, cross_entropy, batches, method="double-backward")
+    torch.testing.assert_close(dense, exact.dense())
+    torch.testing.assert_close(hv, exact.matvec(v))
+    again = HessianOperator(model, cross_entropy, batches)
+    again.matvec(v)
+    assert again.method == "jvp" and again.n_timing_hvps == 0  # cached per model and batch shape
+    other = HessianOperator(model, cross_entropy, [data(7)])  # another batch shape is timed afresh
+    other.matvec(v[: other.n_params])
+    assert other.n_timing_hvps == 4
 
 
 def test_uneven_batches_weighted_exactly():

@@ -24,6 +24,8 @@ method, and training's random streams are untouched.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Sequence
 
 import torch
@@ -35,11 +37,12 @@ from sgdscope.losses import Batch, Inputs, LossFn, functional_forward, weigh
 from sgdscope.policy import check_policy, fixed_masks, measurement_mode
 
 HVP_METHODS = ("jvp", "double-backward")
-# "auto": double backward. bench/results/curvature.json ("costs", CPU seconds on 2 cores): one HVP costs
-# 1.25 / 2.42 gradients on MLPs of 2.4k / 670k parameters against 3.41 / 3.02 for jvp (torch.func's
-# per-call set-up dominates small models), and a block of 5 is cheaper too. On SimpleCNN jvp is 2-17%
-# faster per product (2.28 vs 2.75 gradients) and blocks are a tie within noise: pass method="jvp" there.
-AUTO_METHOD = "double-backward"
+# "auto" times both methods on the operator's first product and keeps the faster, per model and batch shape
+# (:data:`AUTO_CHOICES`), because neither wins everywhere: on 2 CPU cores double backward was 1.3-2.4x
+# cheaper on MLPs (torch.func's per-call set-up dominates small models) and jvp 17% cheaper on SimpleCNN
+# (bench/results/curvature.json, "costs"); a GPU can reorder them again.
+AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
+_AUTO_REPEATS = 2  # the first call of a method pays one-off set-up: its best of two is what is compared
 
 
 class HessianOperator:
@@ -56,11 +59,16 @@ class HessianOperator:
     product write the BatchNorm running statistics or move a global RNG. Where dropout is active, batch b
     uses the masks of ``fixed_masks(mask_seed, b)`` in every product and in the gradient (``None``: the
     default seed), so the operator is a deterministic function of the parameters.
-    ``method``: "jvp", "double-backward", or "auto" (the faster on CPU, see ``AUTO_METHOD``). Blocks are
-    applied ``max_block`` vectors at a time to bound memory.
+    ``method``: "jvp", "double-backward", or "auto": the first single product and the first block are
+    each timed by both methods on the first batch (a block on two of its rows; best of two calls each; these timing products are
+    counted in ``n_timing_hvps``, not ``n_hvps``) and the faster is kept, cached in :data:`AUTO_CHOICES`
+    per model, batch shapes, device, dtype and policy, so the operators a tracker builds step after step
+    time once. ``method_timings`` holds the seconds compared. Blocks are applied ``max_block`` vectors at a
+    time to bound memory.
 
-    Attributes: ``n_params``, ``device``, ``dtype``, ``method`` (the HVP method in use) and ``n_hvps``
-    (products applied so far; a block of m vectors counts m).
+    Attributes: ``n_params``, ``device``, ``dtype``, ``method`` (the HVP method of single products, None
+    under "auto" until the first one), ``block_method`` (of blocks) and ``n_hvps`` (products applied so
+    far; a block of m vectors counts m).
 
     A quadratic model L(w) = ½ wᵀAw has H = A exactly:
 
@@ -109,7 +117,11 @@ class HessianOperator:
             raise ValueError("HessianOperator: no trainable parameter passes param_filter")
         self.model, self.loss_fn, self.bn_policy = model, loss_fn, bn_policy
         self.ignore_index, self.mask_seed = ignore_index, mask_seed
-        self.method = AUTO_METHOD if method == "auto" else method
+        self.auto = method == "auto"
+        self.method = None if self.auto else method
+        self.block_method = None if self.auto else method
+        self.method_timings: dict[str, dict[str, float]] = {}
+        self.n_timing_hvps = 0
         self.max_block = max_block
         # (mask stream, batch, n_b / N) for the batches that carry weight
         self._terms = [(w.index, (w.x, w.y), w.n / total) for w in weighted]
@@ -173,12 +185,61 @@ class HessianOperator:
                 out.append({n: torch.zeros_like(params[n]) if h is None else h for n, h in zip(names, hv)})
         return {n: torch.stack([o[n] for o in out]) for n in names} if block else out[0]
 
+    def _auto_key(self, block: bool) -> tuple:
+        def shape(x: Inputs) -> tuple:
+            if isinstance(x, dict):
+                return tuple((k, tuple(v.shape)) for k, v in sorted(x.items()))
+            if isinstance(x, (tuple, list)):
+                return tuple(tuple(t.shape) for t in x)
+            return tuple(x.shape)
+
+        batches = tuple((shape(x), tuple(y.shape)) for _, (x, y), _ in self._terms)
+        return (id(self.model), type(self.model).__qualname__, self.n_params, batches, str(self.device),
+                str(self.dtype), self.bn_policy, block)
+
+    def _time(self, method: str, params: dict[str, Tensor], tangents: dict[str, Tensor], block: bool) -> float:
+        """Seconds of one product by ``method`` on the first batch, best of ``_AUTO_REPEATS`` calls."""
+        b, batch, scale = self._terms[0]
+        hvp = self._hvp_jvp if method == "jvp" else self._hvp_double_backward
+        best = math.inf
+        for _ in range(_AUTO_REPEATS):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            with fixed_masks(self.mask_seed, b, self.device):
+                hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def _choose(self, params: dict[str, Tensor], tangents: dict[str, Tensor], block: bool, m: int) -> str:
+        """The method for this kind of product: fixed, cached, or timed now (see the class docstring)."""
+        current = self.block_method if block else self.method
+        if current is not None:
+            return current
+        key = self._auto_key(block)
+        if key not in AUTO_CHOICES:
+            if block:  # two rows show how each method batches, at a fraction of a large block's cost
+                m = min(m, 2)
+                tangents = {n: t[:m] for n, t in tangents.items()}
+            timings = {meth: self._time(meth, params, tangents, block) for meth in HVP_METHODS}
+            self.n_timing_hvps += _AUTO_REPEATS * len(HVP_METHODS) * m
+            AUTO_CHOICES[key] = (min(timings, key=timings.get), timings)
+        chosen, self.method_timings["block" if block else "single"] = AUTO_CHOICES[key]
+        if block:
+            self.block_method = chosen
+        else:
+            self.method = chosen
+        return chosen
+
     def _apply(self, V: Tensor, block: bool) -> Tensor:
         params = self._params()
         tangents = dict(zip(self._names, unflatten(V, list(params.values()))))
-        hvp = self._hvp_jvp if self.method == "jvp" else self._hvp_double_backward
         out = self._l2 * V
         with measurement_mode(self.model, self.bn_policy), torch.no_grad():
+            method = self._choose(params, tangents, block, V.shape[0] if block else 1)
+            hvp = self._hvp_jvp if method == "jvp" else self._hvp_double_backward
             for b, batch, scale in self._terms:
                 with fixed_masks(self.mask_seed, b, self.device):
                     hv = hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
@@ -219,7 +280,8 @@ class HessianOperator:
 
     def __repr__(self) -> str:
         return (
-            f"HessianOperator(n_params={self.n_params}, batches={len(self.batches)}, method={self.method!r}, "
+            f"HessianOperator(n_params={self.n_params}, batches={len(self.batches)}, "
+            f"method={'auto: ' if self.auto else ''}{self.method!r}/{self.block_method!r}, "
             f"bn_policy={self.bn_policy!r}, l2={self._l2 / 2:g}, n_hvps={self.n_hvps})"
         )
 
