@@ -223,7 +223,14 @@ class HessianOperator:
             if block:  # two rows show how each method batches, at a fraction of a large block's cost
                 m = min(m, 2)
                 tangents = {n: t[:m] for n, t in tangents.items()}
-            timings = {meth: self._time(meth, params, tangents, block) for meth in HVP_METHODS}
+            timings = {}
+            for meth in HVP_METHODS:
+                try:
+                    timings[meth] = self._time(meth, params, tangents, block)
+                except RuntimeError:  # e.g. torch.func cannot trace this model (jvp of a ZeroTensor grad)
+                    if meth == HVP_METHODS[-1] and not timings:
+                        raise
+                    timings[meth] = math.inf
             self.n_timing_hvps += _AUTO_REPEATS * len(HVP_METHODS) * m
             AUTO_CHOICES[key] = (min(timings, key=timings.get), timings)
         chosen, self.method_timings["block" if block else "single"] = AUTO_CHOICES[key]
