@@ -101,7 +101,8 @@ def test_error_bounds_bound_the_true_error(spectrum, max_hvps, seed):
     assert found_all or max_hvps < 20
     if found_all:
         err = (res.values - lam[:K]).abs()
-        assert (err <= res.error_bounds).all(), (err, res.error_bounds)
+        # + 1e-12: the dense reference's own error (≈ n·ε·‖H‖ = 7e-13 here), as in the assertions above
+        assert (err <= res.error_bounds + 1e-12).all(), (err, res.error_bounds)
     if max_hvps == 500:
         assert res.converged
 
