@@ -59,9 +59,14 @@ class WeightsProbe(Strict):
 
 
 class EigenProbe(_Probe):
+    """Top-K eigenpairs. ``tol``: the relative residual target, None = the solver's default (1e-3 from a
+    random start, 5e-2 from the previous step's basis); ``tol_eig``: the relative eigenvalue error bound
+    every pair must also meet (None: residual only). See :func:`sgdscope.curvature.top_eigenpairs`."""
+
     k: int = Field(5, gt=0, le=100)
     which: Literal["LA", "LM"] = "LA"
-    tol: float = Field(1e-3, gt=0)
+    tol: Optional[float] = Field(None, gt=0)
+    tol_eig: Optional[float] = Field(1e-3, gt=0)
     max_hvps: int = Field(500, gt=0)
     save_vectors: bool = False
 

@@ -162,8 +162,8 @@ class Scope:
 
     def _tracker(self, k: int) -> EigenTracker:
         e = self.options.eigen
-        return EigenTracker(self.env, k, which=e.which if e else "LA", tol=e.tol if e else 1e-3,
-                            max_hvps=e.max_hvps if e else 500)
+        return EigenTracker(self.env, k, which=e.which if e else "LA", tol=e.tol if e else None,
+                            tol_eig=e.tol_eig if e else 1e-3, max_hvps=e.max_hvps if e else 500)
 
     def track(self, k: int) -> EigenTracker:
         """Make sure the shared eigen tracker exists and holds at least ``k`` pairs (e.g. for Nudged-SGD)."""

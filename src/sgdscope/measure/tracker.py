@@ -21,13 +21,15 @@ class EigenTracker:
     ``k`` grows to the largest ``k`` ever asked for, so one cached result serves every consumer.
     """
 
-    def __init__(self, env: Env, k: int, which: str = "LA", tol: float = 1e-3, max_hvps: int = 500) -> None:
+    def __init__(self, env: Env, k: int, which: str = "LA", tol: Optional[float] = None, max_hvps: int = 500,
+                 tol_eig: Optional[float] = 1e-3) -> None:
         n = sum(p.numel() for p in env.model.parameters() if p.requires_grad)
         if k > n:
             from sgdscope.errors import ConfigError
 
             raise ConfigError(f"probes.eigen.k: {k} is larger than the number of parameters ({n})")
         self.env, self.k, self.which, self.tol, self.max_hvps, self.n_params = env, k, which, tol, max_hvps, n
+        self.tol_eig = tol_eig
         self.vectors = None
         self._cache: Optional[tuple[int, EigenResult]] = None
 
@@ -50,7 +52,7 @@ class EigenTracker:
             return self._cache[1]
         self.k = want
         res = top_eigenpairs(
-            self.operator(step), k=want, which=self.which, tol=self.tol, max_hvps=self.max_hvps,
+            self.operator(step), k=want, which=self.which, tol=self.tol, tol_eig=self.tol_eig, max_hvps=self.max_hvps,
             init=self.vectors, generator=self.env.generator("eigen-init", step),
         )
         # the next solve starts from every Ritz vector this one kept (its guard too, where it returns them)
