@@ -197,3 +197,40 @@ def test_protocol_blocks_l2_and_no_trace(make_case):
     assert int(bn.num_batches_tracked) == before[2] and torch.equal(torch.get_rng_state(), rng)
     with pytest.raises(ValueError, match="per_example"):
         FisherOperator(c.model, c.loss_fn, c.batches, per_example="batched")
+
+
+# ------------------------------------------------------------------------------ the eigen probe's option
+
+
+def test_eigen_probe_curvature_option_tracks_the_named_operator_and_never_perturbs():
+    """``probes.eigen.curvature`` picks the tracked operator (the table says which); its λ₁ equals a direct
+    dense solve of that operator with the tracker's mask seed; a BN + dropout Adam loop ends bit-identical
+    with and without the probe; a bad value is a one-line ConfigError."""
+    from test_scope import OwnNet, data, fresh, loop
+
+    from sgdscope import Scope
+    from sgdscope.errors import ConfigError
+
+    model_a, opt_a = fresh()
+    loop(model_a, opt_a, 4)
+    (u, v), y = data(seed=1)
+    lam = {}
+    for curv in ("ggn", "fisher"):
+        model, opt = fresh()
+        scope = Scope(model, F.mse_loss, ((u, v), y), probes={"eigen": {"every": 4, "k": 1, "tol": 1e-4,
+                                                                        "curvature": curv}}, seed=3)
+        loop(model, opt, 4, scope)
+        for a, b in zip(model_a.state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b)  # parameters and BN running statistics, bit for bit
+        eig = scope.table("eigen")
+        assert set(eig["curvature"]) == {curv} and set(scope.table("curvature")["curvature"]) == {curv}
+        op = scope.env.tracker.operator(4)
+        assert type(op) is {"ggn": GGNOperator, "fisher": FisherOperator}[curv]
+        dense = torch.linalg.eigvalsh(op.dense().double())
+        last = eig[eig["step"] == 4].sort_values("index")["value"].to_numpy()
+        assert abs(last[0] - float(dense[-1])) <= 1e-3 * float(dense[-1])
+        assert dense[0] > -1e-5 * dense[-1]  # both PSD
+        lam[curv] = last[0]
+    assert lam["ggn"] != lam["fisher"]
+    with pytest.raises(ConfigError, match="probes.eigen.curvature"):
+        Scope(OwnNet(), F.mse_loss, ((u, v), y), probes={"eigen": {"curvature": "kfac"}})

@@ -4,7 +4,7 @@ Both are products ``Jᵀ M J`` of a Jacobian J of the parameters into some outpu
 symmetric "middle" M there, applied to flat vectors without ever forming J: a forward-mode product
 ``u = J v`` (``torch.func.jvp`` through the model), the middle ``w = M u`` in output space, and a
 reverse-mode product ``Jᵀ w`` (``torch.func.vjp``, whose one forward pass and retained graph serve every
-vector of a block). With the batches weighted exactly by their real targets (N = Σ_b n_b):
+vector of a block). The middle M is applied by autograd too. With the batches weighted exactly by their real targets (N = Σ_b n_b):
 
 * **generalised Gauss–Newton** (Schraudolph 2002; Martens 2020): with f_b(θ) the model's outputs on batch b
   and L_b the loss of batch b as a function of those outputs (``loss_fn(f_b, y_b)``, the mean over its real
@@ -12,7 +12,7 @@ vector of a block). With the batches weighted exactly by their real targets (N =
 
       G = Σ_b (n_b / N) J_bᵀ ∇²_f L_b J_b  + 2λI,      J_b = ∂f_b/∂θ.
 
-  ∇²_f L_b is applied by autograd (forward-over-reverse in the outputs), so any twice-differentiable loss
+  ∇²_f L_b is applied by autograd (the pullback of the gradient in the outputs), so any twice-differentiable loss
   works, not only cross-entropy and MSE. G is the Hessian less its term Σ_k (∂L/∂f_k) ∇²f_k: equal to H
   for a model linear in θ, and positive semi-definite wherever the loss is convex in the outputs.
 
@@ -69,7 +69,7 @@ class _JtMJ(HessianOperator):
             return functional_forward(self.model, {**others, **buffers, **params}, x)
 
     def _map(self, b: int, batch: Batch, scale: float) -> tuple[Callable[[dict[str, Tensor]], Tensor], Callable]:
-        """(θ ↦ z, u ↦ M u): the output map of batch b and its middle operator."""
+        """(θ ↦ z, z ↦ (u ↦ M u)): the output map of batch b, and its middle operator at the outputs z."""
         raise NotImplementedError
 
     def _apply(self, V: Tensor, block: bool) -> Tensor:
@@ -80,9 +80,10 @@ class _JtMJ(HessianOperator):
             for b, batch, scale in self._terms:
                 f, middle = self._map(b, batch, scale)
                 z, pullback = vjp(f, params)  # one forward; its graph is kept for every vector of the block
+                m = middle(z.detach())
 
                 def one(t: dict[str, Tensor]) -> dict[str, Tensor]:
-                    return pullback(middle(z, jvp(f, (params,), (t,))[1]))[0]
+                    return pullback(m(jvp(f, (params,), (t,))[1]))[0]
 
                 # randomness="same": the block's forward passes draw the masks of a single pass, which
                 # fixed_masks inside f seeds, so a block row equals the single product
@@ -118,9 +119,12 @@ class GGNOperator(_JtMJ):
         x, y = batch
         loss_of_outputs = grad(lambda z: scale * self.loss_fn(z, y))
 
-        def middle(z: Tensor, u: Tensor) -> Tensor:
-            # ∇²_f L_b u by forward-over-reverse in output space: exact for any twice-differentiable loss
-            return jvp(loss_of_outputs, (z.detach(),), (u,))[1]
+        def middle(z: Tensor) -> Callable[[Tensor], Tensor]:
+            # ∇²_f L_b u as the pullback of the output-space gradient (reverse over reverse; ∇²_f L_b is
+            # symmetric): exact for any twice-differentiable loss, and one graph for every u of the block.
+            # (Forward over reverse trips on losses whose backward writes in place, e.g. F.mse_loss.)
+            pull = vjp(loss_of_outputs, z)[1]
+            return lambda u: pull(u)[0]
 
         return (lambda p: self._outputs(p, b, x)), middle
 
@@ -192,4 +196,4 @@ class FisherOperator(_JtMJ):
         def f(p: dict[str, Tensor]) -> Tensor:
             return self._losses(take(self._outputs(p, b, x), keep), yk)
 
-        return f, lambda z, u: wk * u
+        return f, lambda z: (lambda u: wk * u)

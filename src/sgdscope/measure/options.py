@@ -59,6 +59,12 @@ class WeightsProbe(Strict):
 
 
 class EigenProbe(_Probe):
+    """Top-K eigenpairs of the curvature operator named by ``curvature``: the Hessian (default), the
+    generalised Gauss–Newton matrix or the empirical Fisher (:mod:`sgdscope.curvature.ggn`). The tracker
+    holds that operator's pairs, so the direction, α-step and alignment probes and Nudged-SGD read its
+    eigenvectors too."""
+
+    curvature: Literal["hessian", "ggn", "fisher"] = "hessian"
     k: int = Field(5, gt=0, le=100)
     which: Literal["LA", "LM"] = "LA"
     tol: float = Field(1e-3, gt=0)

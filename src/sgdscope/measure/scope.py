@@ -163,7 +163,7 @@ class Scope:
     def _tracker(self, k: int) -> EigenTracker:
         e = self.options.eigen
         return EigenTracker(self.env, k, which=e.which if e else "LA", tol=e.tol if e else 1e-3,
-                            max_hvps=e.max_hvps if e else 500)
+                            max_hvps=e.max_hvps if e else 500, curvature=e.curvature if e else "hessian")
 
     def track(self, k: int) -> EigenTracker:
         """Make sure the shared eigen tracker exists and holds at least ``k`` pairs (e.g. for Nudged-SGD)."""
@@ -285,8 +285,9 @@ class Scope:
         self._commit({table: [dict(r) for r in rows]})
 
     def eigenpairs(self, k: Optional[int] = None) -> EigenResult:
-        """The top-k Hessian eigenpairs at the current parameters, tracked: warm-started from the previous
-        solve and computed at most once per step (shared with the probes)."""
+        """The top-k eigenpairs of the tracked curvature (the Hessian unless ``probes.eigen.curvature`` names
+        the GGN or the Fisher) at the current parameters: warm-started from the previous solve and computed
+        at most once per step (shared with the probes)."""
         self._check_open()
         tracker = self.env.tracker or self.track(k or 5)  # a fresh tracker: the eigen probe's default K
         return tracker.get(self.t, k)
