@@ -129,6 +129,19 @@ def lambda1(store: RunStore) -> pd.DataFrame:
     return eig[eig["index"] == 1].groupby("step", as_index=False)["value"].mean()
 
 
+CURVATURE_NAMES = {"hessian": "H (Hessian)", "ggn": "G (Gauss–Newton)", "fisher": "F (empirical Fisher)"}
+
+
+def lambda1_by_curvature(eig: pd.DataFrame) -> dict[str, pd.Series]:
+    """λ₁ per step (a Series indexed by step) for each operator of an eigen table (``probes.eigen.curvature``;
+    a table without that column holds the Hessian's)."""
+    if not has(eig, "step", "index", "value"):
+        return {}
+    eig = eig if "curvature" in eig else eig.assign(curvature="hessian")
+    top = eig[eig["index"] == 1]
+    return {str(c): g.groupby("step")["value"].mean().sort_index() for c, g in top.groupby("curvature")}
+
+
 def peak_lambda(store: RunStore, window: int = SMOOTH) -> dict[str, float]:
     """The peak of λ₁ along the run, read from a ``window``-point smoothed trace (argmax alone is noisy).
 

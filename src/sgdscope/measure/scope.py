@@ -145,7 +145,7 @@ class Scope:
         self.probes: list[Probe] = [
             PROBES[name](opts, self.env) for name, opts in self.options if opts is not None
         ]
-        if any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS):
+        if any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS) or any(p.tracker_k() for p in self.probes):
             self.env.tracker = self._tracker(self._tracker_k())
         self.sink: RowSink = sink if sink is not None else MemorySink()
         self.sinks: list[RowSink] = [self.sink, *sinks]
@@ -158,7 +158,7 @@ class Scope:
         o = self.options
         ks = [o.eigen.k if o.eigen else 1]
         ks += [max(p.eigen_indices) for p in (o.direction, o.alpha_step) if p is not None]
-        return max(ks)
+        return max(ks + [p.tracker_k() for p in self.probes])
 
     def _tracker(self, k: int) -> EigenTracker:
         e = self.options.eigen

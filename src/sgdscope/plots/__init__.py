@@ -15,7 +15,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import matplotlib
 
 from sgdscope.errors import ConfigError, RunStoreError
-from sgdscope.plots import curves, sharpest, walk
+from sgdscope.plots import curves, operators, sharpest, walk
 from sgdscope.plots._common import STYLE, lacks, source
 from sgdscope.plots import sweep as sweep_figs
 from sgdscope.store import RunStore
@@ -89,6 +89,10 @@ FIGURES: dict[str, Figure] = {
     "gd_vs_noise": Figure(walk.gd_vs_noise, ("epoch", "train"),
                           "GD, GD with isotropic noise and SGD: loss, accuracy, cosine, distance and final "
                           "parameter norm (Xing Fig. 5).", ("optimizer.name", "optimizer.noise_factor")),
+    "curvature_kinds": Figure(operators.curvature_kinds, ("eigen",),
+                              "λ₁ of the Hessian, the Gauss–Newton matrix and the empirical Fisher over training on "
+                              "one axis, and their ratios to λ₁(H) (probes.eigen.curvature across the runs).",
+                              ("probes.eigen.curvature",), columns={"eigen": ("step", "index", "value")}),
     "schedules": Figure(walk.schedules, ("epoch", "train"),
                         "Learning-rate schedules: lr, training loss and validation accuracy (Xing Fig. 6).",
                         ("schedule.",)),
