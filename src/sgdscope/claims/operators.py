@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from sgdscope.claims._common import ClaimResult, Runs, load_runs
-from sgdscope.tables import has, lambda1_by_curvature
+from sgdscope.tables import has, lambda1_by_curvature, slice_basin
 
 
 def late_half(lam: pd.Series) -> pd.Series:
@@ -53,3 +53,41 @@ def ggn_fisher(runs: Runs, tol: float = 0.10) -> ClaimResult:
     notes = [] if h is not None else ["no run measured the Hessian: the ratios are undefined"]
     return ClaimResult("ggn-fisher", f"λ₁ of the Gauss–Newton matrix tracks λ₁ of the Hessian within {tol:.0%} late "
                        "in training", df, checks, soft, notes)
+
+
+def loss_slice(runs: Runs, late: float = 0.5) -> ClaimResult:
+    """Held iff, in every run, at the last measured step (1) θ_t sits in a closed basin of its 2-D slice (the
+    loss on the whole edge of the grid is above L(θ_t): :func:`sgdscope.tables.slice_basin` depth > 0) and
+    (2) the late iterates (kept snapshots from the last ``late`` share of the steps) project inside the slice
+    (|a|, |b| ≤ span), so the basin drawn is the one they travelled in. Soft: the plane holds most of their
+    displacement (median off-plane share ‖residual‖/‖θ_s − θ_t‖ < 0.5), which random planes in a
+    high-dimensional space are not expected to do.
+
+    Numbers per run: its directions, the step, L(θ_t), the slice's floor, the edge's minimum, the depth, the
+    share of late iterates inside the span and their median off-plane share."""
+    rows = []
+    for r in load_runs(runs):
+        sl, path = r.store.table("slice2d"), r.store.table("slice2d_path")
+        b = slice_basin(sl)
+        if not b:
+            continue
+        p = path[path["step"] == b["step"]] if has(path, "step", "snapshot_step", "a", "b") else path.iloc[:0]
+        last_step = int(r.store.table("train")["step"].max()) if len(r.store.table("train")) else b["step"]
+        lp = p[(p["snapshot_step"] >= (1 - late) * last_step) & (p["distance"] > 0)]
+        inside = ((lp["a"].abs() <= b["span"]) & (lp["b"].abs() <= b["span"])).mean() if len(lp) else math.nan
+        off = (lp["residual"] / lp["distance"]).median() if len(lp) else math.nan
+        rows.append({"directions": ", ".join(sorted(set(sl["directions"]))) if "directions" in sl else "?",
+                     "step": b["step"], "L(θ_t)": b["centre"], "slice min": b["min"], "edge min": b["boundary_min"],
+                     "depth": b["depth"], "late iterates": len(lp), "late inside span": float(inside),
+                     "late off-plane share (median)": float(off)})
+    df = pd.DataFrame(rows).set_index("directions") if rows else pd.DataFrame()
+    ok = bool(len(df))
+    checks = {
+        "θ_t in a closed basin of the last slice (edge min > L(θ_t)) in every run": ok and bool((df["depth"] > 0).all()),
+        "the late iterates project inside the slice in every run": ok and bool((df["late inside span"] == 1).all()),
+        "the plane holds most of the late displacement (off-plane share < 0.5)": ok and bool(
+            (df["late off-plane share (median)"] < 0.5).all()),
+    }
+    soft = {"the plane holds most of the late displacement (off-plane share < 0.5)"}
+    return ClaimResult("loss-slice", "the trajectory's late iterates lie in a basin of the 2-D slice around the last "
+                       "iterate", df, checks, soft)
