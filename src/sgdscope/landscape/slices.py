@@ -50,8 +50,10 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator) ->
 
 
 def slice_axis(span: float, n: int, like: Tensor) -> Tensor:
-    """The grid of one axis: ``n`` points from −span to span (0 among them when n is odd)."""
-    return torch.linspace(-span, span, n, dtype=like.dtype, device=like.device)
+    """The grid of one axis: ``n`` evenly spaced points from −span to span, symmetric about 0 and holding 0
+    exactly when n is odd (so the grid's centre is θ itself, not a rounding error away)."""
+    k = torch.arange(n, dtype=like.dtype, device=like.device) - (n - 1) / 2
+    return k * (2 * span / (n - 1))
 
 
 @torch.no_grad()

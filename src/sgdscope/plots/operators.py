@@ -38,7 +38,9 @@ def curvature_kinds(view: SweepView, out_dir: Path) -> list[Path]:
             lam = lams[curv]
             ci = ORDER.index(curv) if curv in ORDER else 3
             name = NAMES.get(curv, curv) + (f", {label}" if label else "")
-            ax.plot(lam.index, lam.to_numpy(), color=color(ci), ls=styles[gi % 4], marker="o", ms=2.2, label=name)
+            wide = curv == "hessian"  # under G where they coincide: drawn wider so both stay visible
+            ax.plot(lam.index, lam.to_numpy(), color=color(ci), ls=styles[gi % 4], marker="o", ms=3.5 if wide else 2.2,
+                    lw=3.2 if wide else 1.5, alpha=0.55 if wide else 1.0, label=name)
             if curv != "hessian" and "hessian" in lams:
                 h = lams["hessian"]
                 both = lam.index.intersection(h.index)
