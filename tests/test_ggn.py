@@ -141,6 +141,13 @@ def test_fisher_per_sample_vmap_grads_and_loop_path(make_case):
         op = FisherOperator(c.model, c.loss_fn, c.batches, per_example=how)
         torch.testing.assert_close(op.dense(), want, rtol=1e-9, atol=1e-12)
 
+    def untraceable(out, y):  # .item() cannot run under vmap: "auto" falls back to the loop
+        return c.loss_fn(out, y) * (1.0 if float(out.sum().item()) == float(out.sum().item()) else 0.0)
+
+    auto = FisherOperator(c.model, untraceable, c.batches)
+    torch.testing.assert_close(auto.dense(), want, rtol=1e-9, atol=1e-12)
+    assert auto.per_example == "loop"
+
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_ggn_is_the_hessian_of_a_linear_model(loss):

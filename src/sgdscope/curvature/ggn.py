@@ -26,8 +26,9 @@ vector of a block). The middle M is applied by autograd too. With the batches we
   target per example (classification) this is the textbook (1/N) Σ_i ∇ℓ_i∇ℓ_iᵀ; examples whose targets
   are all ``ignore_index`` have n_i = 0 and drop out. ℓ_i is ``loss_fn`` called on example i's slice of
   the batch's outputs and targets (``loss_fn(out[i:i+1], y[i:i+1])``), so a mean-reduction loss needs no
-  ``reduction="none"`` variant; the slices go through ``torch.func.vmap`` (``per_example="vmap"``) or, for
-  a loss vmap cannot trace (data-dependent Python control flow), a plain loop (``"loop"``). The batch's
+  ``reduction="none"`` variant; the slices go through ``torch.func.vmap`` (``per_example="vmap"``) or a
+  plain loop (``"loop"``); ``"auto"`` (the default) tries vmap and falls back to the loop for a loss that
+  vmap cannot trace (data-dependent Python control flow, ``.item()``). The batch's
   forward pass is shared, so under batch statistics ∇ℓ_i includes the dependence of example i's output on
   the other examples through BatchNorm, as SGD's own gradient does.
 
@@ -53,7 +54,7 @@ from sgdscope.curvature.hessian import HessianOperator
 from sgdscope.losses import Batch, Inputs, LossFn, functional_forward, n_targets, take
 from sgdscope.policy import fixed_masks, measurement_mode
 
-PER_EXAMPLE = ("vmap", "loop")
+PER_EXAMPLE = ("auto", "vmap", "loop")
 
 
 class _JtMJ(HessianOperator):
@@ -131,8 +132,8 @@ class GGNOperator(_JtMJ):
 
 class FisherOperator(_JtMJ):
     """The empirical Fisher F = (1/N) Σ_i n_i ∇ℓ_i∇ℓ_iᵀ + 2λI over the measured examples (module
-    docstring); the keywords of :class:`HessianOperator`, and ``per_example`` ("vmap" or "loop"): how the
-    per-example losses ℓ_i = loss_fn(out[i:i+1], y[i:i+1]) are formed.
+    docstring); the keywords of :class:`HessianOperator`, and ``per_example`` ("auto", "vmap" or "loop"):
+    how the per-example losses ℓ_i = loss_fn(out[i:i+1], y[i:i+1]) are formed.
 
     Two examples of a one-weight least-squares model ℓ_i = ½(w x_i − y_i)² at w = 0 with (x, y) = (1, 1),
     (2, −1): ∇ℓ = (−1, 2), so F = ((−1)² + 2²) / 2 = 2.5:
@@ -162,7 +163,7 @@ class FisherOperator(_JtMJ):
         *,
         ignore_index: int | None = None,
         mask_seed: int | None = None,
-        per_example: str = "vmap",
+        per_example: str = "auto",
     ) -> None:
         if per_example not in PER_EXAMPLE:
             raise ValueError(f"FisherOperator: per_example {per_example!r} is not one of {', '.join(PER_EXAMPLE)}")
@@ -181,8 +182,13 @@ class FisherOperator(_JtMJ):
     def _losses(self, z: Tensor, y: Tensor) -> Tensor:
         """ℓ_i = loss_fn(z[i:i+1], y[i:i+1]) for every example (each a batch of one, so the loss's own
         mean over its real targets applies)."""
-        if self.per_example == "vmap":
-            return vmap(lambda zi, yi: self.loss_fn(zi.unsqueeze(0), yi.unsqueeze(0)))(z, y)
+        if self.per_example != "loop":
+            try:
+                return vmap(lambda zi, yi: self.loss_fn(zi.unsqueeze(0), yi.unsqueeze(0)))(z, y)
+            except Exception:
+                if self.per_example == "vmap":
+                    raise
+                self.per_example = "loop"  # this loss does not vmap: the loop from now on (same numbers)
         return torch.stack([self.loss_fn(z[i : i + 1], y[i : i + 1]) for i in range(len(y))])
 
     def _map(self, b: int, batch: Batch, scale: float):

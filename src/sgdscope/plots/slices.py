@@ -26,7 +26,8 @@ def _panel(fig, ax, sl: pd.DataFrame, path: pd.DataFrame, step: int) -> None:
     levels = lo + (hi - lo) * (np.geomspace(1, 101, 16) - 1) / 100 if hi > lo else 8
     cs = ax.contourf(a, b, loss.T, levels=levels, cmap="viridis")
     ax.contour(a, b, loss.T, levels=levels, colors="white", linewidths=0.3, alpha=0.6)
-    fig.colorbar(cs, ax=ax, shrink=0.85, label="loss")
+    fig.colorbar(cs, ax=ax, shrink=0.85, label="loss", format="%.3g")
+    ax.grid(False)  # the house grid would cut across the contours
     p = path[path["step"] == step].sort_values("snapshot_step") if has(path, "step", "a", "b") else path.iloc[:0]
     if len(p):
         inside = (p["a"].abs() <= a.max() * 1.0001) & (p["b"].abs() <= b.max() * 1.0001)
