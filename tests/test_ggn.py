@@ -23,7 +23,7 @@ from sgdscope.policy import fixed_masks, measurement_mode
 
 F64 = torch.float64
 SEED = 11
-CASES = [("mlp", "train-restore"), ("cnn_bn", "train-restore"), ("cnn_bn", "eval"),
+CASES = [("mlp", "train-restore"), ("cnn_bn", "train-restore"),
          ("frozen_layer", "train-restore"), ("dropout", "train-restore")]
 
 
