@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 
 from sgdscope.claims._common import ClaimResult, Runs, load_runs
-from sgdscope.tables import has, lambda1_by_curvature, slice_basin
+from sgdscope.summaries.curvature_ops import lambda1_by_curvature
+from sgdscope.summaries.slices import slice_basin
+from sgdscope.tables import has
 
 
 def late_half(lam: pd.Series) -> pd.Series:

@@ -11,8 +11,7 @@ import pandas as pd
 
 from sgdscope.plots._common import caveat, color, no_data, save, subplots, title
 from sgdscope.sweepview import SweepView, label_for
-from sgdscope.tables import CURVATURE_NAMES as NAMES
-from sgdscope.tables import lambda1_by_curvature
+from sgdscope.summaries.curvature_ops import NAMES, lambda1_by_curvature
 
 ORDER = ("hessian", "ggn", "fisher")
 

@@ -3,10 +3,23 @@ value (the Hessian's own lines are in the papers' ``curvature`` section)."""
 
 from __future__ import annotations
 
-from sgdscope.tables import CURVATURE_NAMES as NAMES
-from sgdscope.tables import lambda1_by_curvature
+import pandas as pd
+
+from sgdscope.tables import has
 
 Row = tuple[str, str, float, str]
+
+NAMES = {"hessian": "H (Hessian)", "ggn": "G (Gauss–Newton)", "fisher": "F (empirical Fisher)"}
+
+
+def lambda1_by_curvature(eig: pd.DataFrame) -> dict[str, pd.Series]:
+    """λ₁ per step (a Series indexed by step) for each operator of an eigen table (``probes.eigen.curvature``;
+    a table without that column holds the Hessian's)."""
+    if not has(eig, "step", "index", "value"):
+        return {}
+    eig = eig if "curvature" in eig else eig.assign(curvature="hessian")
+    top = eig[eig["index"] == 1]
+    return {str(c): g.groupby("step")["value"].mean().sort_index() for c, g in top.groupby("curvature")}
 
 
 def rows(store) -> list[Row]:

@@ -5,9 +5,28 @@ from __future__ import annotations
 
 import math
 
-from sgdscope.tables import has, slice_basin
+import pandas as pd
+
+from sgdscope.tables import has
 
 Row = tuple[str, str, float, str]
+
+
+def slice_basin(sl: pd.DataFrame, step: int | None = None) -> dict[str, float]:
+    """The 2-D slice of ``step`` (the last measured one by default) read as a basin: ``step``, ``centre``
+    L(θ_t) (a = b = 0), ``min`` (the slice's lowest loss), ``boundary_min`` (the lowest loss on the grid's
+    edge, |a| or |b| = span), ``depth`` = boundary_min − centre (> 0: every path out of the slice climbs
+    above L(θ_t): θ_t sits in a closed basin of the slice) and ``span``. Empty when there are no rows."""
+    if not has(sl, "step", "a", "b", "loss") or not len(sl):
+        return {}
+    step = int(sl["step"].max()) if step is None else int(step)
+    g = sl[sl["step"] == step]
+    span = float(g["a"].abs().max())
+    edge = (g["a"].abs() >= span * (1 - 1e-9)) | (g["b"].abs() >= span * (1 - 1e-9))
+    centre = g.loc[(g["a"] == 0) & (g["b"] == 0), "loss"]
+    c = float(centre.mean()) if len(centre) else math.nan
+    return {"step": step, "centre": c, "min": float(g["loss"].min()), "boundary_min": float(g.loc[edge, "loss"].min()),
+            "depth": float(g.loc[edge, "loss"].min()) - c, "span": span}
 
 
 def rows(store) -> list[Row]:
