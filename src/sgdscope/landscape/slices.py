@@ -84,8 +84,8 @@ def plane_coordinates(d1: Tensor, d2: Tensor, displacements: Tensor) -> tuple[Te
 
     >>> d1, d2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
     >>> c, res = plane_coordinates(d1, d2, torch.tensor([[3.0, 2.0, 4.0]]))
-    >>> c, res
-    (tensor([[1., 2.]]), tensor([4.]))
+    >>> [round(v, 5) for v in c[0].tolist()], round(float(res), 5)
+    ([1.0, 2.0], 4.0)
     """
     D = torch.stack([d1, d2])
     coords = (torch.linalg.pinv(D @ D.T) @ (D @ displacements.T)).T
