@@ -48,13 +48,14 @@ def ggn_fisher(runs: Runs, tol: float = 0.10) -> ClaimResult:
     ref = next(iter(losses.values()), np.array([]))
     same = len(losses) > 1 and len(ref) > 0 and all(np.array_equal(ref, v) for v in losses.values())
     checks = {"every run followed the same trajectory (identical batch losses)": bool(same)}
-    for curv, soft_ in (("ggn", False), ("fisher", True)):
+    for curv in ("ggn", "fisher"):
         if curv in df.index and h is not None:
-            checks[f"λ₁({curv}) within {tol:.0%} of λ₁(H) over the late half"] = bool(df.loc[curv, "late max |ratio − 1|"] <= tol)
+            worst = df.loc[curv, "late max |ratio − 1|"]
+            checks[f"λ₁({curv}) within {tol:.0%} of λ₁(H) over the late half"] = bool(worst <= tol)
     soft = {k for k in checks if "fisher" in k}
     notes = [] if h is not None else ["no run measured the Hessian: the ratios are undefined"]
-    return ClaimResult("ggn-fisher", f"λ₁ of the Gauss–Newton matrix tracks λ₁ of the Hessian within {tol:.0%} late "
-                       "in training", df, checks, soft, notes)
+    claim = f"λ₁ of the Gauss–Newton matrix tracks λ₁ of the Hessian within {tol:.0%} late in training"
+    return ClaimResult("ggn-fisher", claim, df, checks, soft, notes)
 
 
 def loss_slice(runs: Runs, late: float = 0.5) -> ClaimResult:
@@ -84,11 +85,13 @@ def loss_slice(runs: Runs, late: float = 0.5) -> ClaimResult:
                      "late off-plane share (median)": float(off)})
     df = pd.DataFrame(rows).set_index("directions") if rows else pd.DataFrame()
     ok = bool(len(df))
+    col = (lambda c: df[c]) if ok else (lambda c: pd.Series(dtype=float))
     checks = {
-        "θ_t in a closed basin of the last slice (edge min > L(θ_t)) in every run": ok and bool((df["depth"] > 0).all()),
-        "the late iterates project inside the slice in every run": ok and bool((df["late inside span"] == 1).all()),
-        "the plane holds most of the late displacement (off-plane share < 0.5)": ok and bool(
-            (df["late off-plane share (median)"] < 0.5).all()),
+        "θ_t in a closed basin of the last slice (edge min > L(θ_t)) in every run":
+            ok and bool((col("depth") > 0).all()),
+        "the late iterates project inside the slice in every run": ok and bool((col("late inside span") == 1).all()),
+        "the plane holds most of the late displacement (off-plane share < 0.5)":
+            ok and bool((col("late off-plane share (median)") < 0.5).all()),
     }
     soft = {"the plane holds most of the late displacement (off-plane share < 0.5)"}
     return ClaimResult("loss-slice", "the trajectory's late iterates lie in a basin of the 2-D slice around the last "

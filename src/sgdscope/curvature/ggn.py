@@ -4,7 +4,8 @@ Both are products ``Jᵀ M J`` of a Jacobian J of the parameters into some outpu
 symmetric "middle" M there, applied to flat vectors without ever forming J: a forward-mode product
 ``u = J v`` (``torch.func.jvp`` through the model), the middle ``w = M u`` in output space, and a
 reverse-mode product ``Jᵀ w`` (``torch.func.vjp``, whose one forward pass and retained graph serve every
-vector of a block). The middle M is applied by autograd too. With the batches weighted exactly by their real targets (N = Σ_b n_b):
+vector of a block). The middle M is applied by autograd too. With the batches weighted exactly by their
+real targets (N = Σ_b n_b):
 
 * **generalised Gauss–Newton** (Schraudolph 2002; Martens 2020): with f_b(θ) the model's outputs on batch b
   and L_b the loss of batch b as a function of those outputs (``loss_fn(f_b, y_b)``, the mean over its real
@@ -12,8 +13,8 @@ vector of a block). The middle M is applied by autograd too. With the batches we
 
       G = Σ_b (n_b / N) J_bᵀ ∇²_f L_b J_b  + 2λI,      J_b = ∂f_b/∂θ.
 
-  ∇²_f L_b is applied by autograd (the pullback of the gradient in the outputs), so any twice-differentiable loss
-  works, not only cross-entropy and MSE. G is the Hessian less its term Σ_k (∂L/∂f_k) ∇²f_k: equal to H
+  ∇²_f L_b is applied by autograd (the pullback of the gradient in the outputs), so any twice-differentiable
+  loss works, not only cross-entropy and MSE. G is the Hessian less its term Σ_k (∂L/∂f_k) ∇²f_k: equal to H
   for a model linear in θ, and positive semi-definite wherever the loss is convex in the outputs.
 
 * **empirical Fisher** (the uncentred second moment of per-example gradients; Kunstner et al. 2019 for

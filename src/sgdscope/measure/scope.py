@@ -145,7 +145,8 @@ class Scope:
         self.probes: list[Probe] = [
             PROBES[name](opts, self.env) for name, opts in self.options if opts is not None
         ]
-        if any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS) or any(p.tracker_k() for p in self.probes):
+        consumers = any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS)
+        if consumers or any(p.tracker_k() for p in self.probes):
             self.env.tracker = self._tracker(self._tracker_k())
         self.sink: RowSink = sink if sink is not None else MemorySink()
         self.sinks: list[RowSink] = [self.sink, *sinks]
@@ -163,7 +164,8 @@ class Scope:
     def _tracker(self, k: int) -> EigenTracker:
         e = self.options.eigen
         return EigenTracker(self.env, k, which=e.which if e else "LA", tol=e.tol if e else 1e-3,
-                            max_hvps=e.max_hvps if e else 500, curvature=e.curvature if e else "hessian")
+                            max_hvps=e.max_hvps if e else 500,
+                            curvature=e.curvature if e else "hessian")
 
     def track(self, k: int) -> EigenTracker:
         """Make sure the shared eigen tracker exists and holds at least ``k`` pairs (e.g. for Nudged-SGD)."""

@@ -1,9 +1,10 @@
 """Top-K curvature eigenpairs along the trajectory, warm-started from the previous measurement.
 
 The :class:`EigenTracker` owns the curvature operator on the fixed measurement set (the Hessian, or the
-Gauss–Newton or empirical Fisher matrix: ``probes.eigen.curvature``) and the last Ritz vectors. Every consumer (the ``eigen`` probe, the direction, α-step and alignment probes, Nudged-SGD
-through ``Scope.eigenpairs``) asks it for the pairs at the current step, so one solve serves them all, and
-each solve starts from the previous vectors: along a trajectory the top eigenspace moves slowly, which is
+Gauss–Newton or empirical Fisher matrix: ``probes.eigen.curvature``) and the last Ritz vectors. Every
+consumer (the ``eigen`` probe, the direction, α-step and alignment probes, Nudged-SGD through
+``Scope.eigenpairs``) asks it for the pairs at the current step, so one solve serves them all, and each
+solve starts from the previous vectors: along a trajectory the top eigenspace moves slowly, which is
 what makes the warm start pay. The consumers get the eigenvectors of whichever operator the tracker
 holds: with ``curvature: ggn`` the direction probes walk along GGN eigenvectors and Nudged-SGD rescales the
 GGN's top subspace.
