@@ -91,6 +91,16 @@ def synthetic_run(path: Path, *, lr: float = 0.1, epochs: int = 6, seed: int = 0
                            "left_loss": losses[0], "right_loss": losses[-1], "argmin_alpha": ALPHAS[losses.index(floor)],
                            "interior_min": 1, "logged_at": t + 1})
     s.append_many({"interpolation": interp, "valley": valley})
+    grid = [-1.0, -0.5, 0.0, 0.5, 1.0]  # slice2d: a bowl 0.5 + a² + 2b² around each measured iterate
+    slices, path = [], []
+    for e in range(1, epochs + 1):
+        t = e * SPE
+        slices += [{"step": t, "epoch": e, "a": a, "b": b, "loss": 0.5 + a * a + 2 * b * b, "directions": "eigen",
+                    "logged_at": t} for a in grid for b in grid]
+        path += [{"step": t, "epoch": e, "snapshot_step": u * SPE, "a": 0.1 * (e - u), "b": -0.05 * (e - u),
+                  "residual": 0.2 * (e - u), "distance": 0.3 * (e - u), "directions": "eigen", "logged_at": t}
+                 for u in range(1, e + 1)]
+    s.append_many({"slice2d": slices, "slice2d_path": path})
     s.set_status("done", step=n, epoch=epochs)
     return s
 

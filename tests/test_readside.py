@@ -140,6 +140,8 @@ SUBSETS = {
               {"k_min"}, {}),
     "k_min-never-closed": ({"k_min": [{"step": s, "eigen_index": 1, "threshold": 0.1, "k_min": math.nan} for s in (0, 5)]},
                            {"k_min"}, {"k_min": ["k_min.k_min is NaN at every logged step"]}),
+    "slice2d-without-path": ({"slice2d": [{"step": s, "a": a, "b": b, "loss": 1 + a * a + b * b}
+                                          for s in (0, 5) for a in (-1, 0, 1) for b in (-1, 0, 1)]}, {"slice2d"}, {}),
     "eigen-without-index": ({"eigen": [{"step": 0, "value": 1.0}]}, set(), {}),
     "train-without-step": ({"train": [{"batch_loss": 1.0}]}, set(), {}),
     "nothing": ({}, set(), {}),

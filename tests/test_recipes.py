@@ -74,6 +74,8 @@ def _shorten(raw: dict[str, Any]) -> dict[str, Any]:
     for p in ("direction", "alpha_step"):
         if p in probes:
             probes[p]["n_grads"] = 2
+    if "slice2d" in probes:
+        probes["slice2d"]["grid"] = 5
     sched = raw.get("schedule") or {}
     for k in ("step_size", "t_up", "t_flat", "t_down"):
         if k in sched:
@@ -86,6 +88,7 @@ CI_POINTS = {
     "subspace-variants-cpu": [{"optimizer.mode": "scale", "optimizer.freeze_subspace": False},
                               {"optimizer.mode": "remove", "optimizer.freeze_subspace": False}],
     "nsgd-table1-cpu": [{"optimizer.gamma": 0.1, "optimizer.lr": 0.3}, {"optimizer.gamma": 1.0, "optimizer.lr": 0.3}],
+    "ggn-fisher-cpu": [{"probes.eigen.curvature": "hessian"}, {"probes.eigen.curvature": "ggn"}],
 }
 
 
@@ -119,7 +122,7 @@ def test_cpu_recipe_runs_shortened(name, tmp_path):
     probes = raw.get("probes") or {}
     tables = set(RunStore(runs[0][1]).tables())
     expected = {"eigen": {"eigen"}, "direction": {"direction", "k_min"}, "alpha_step": {"alpha_step"},
-                "interpolation": {"interpolation", "valley"}}
+                "interpolation": {"interpolation", "valley"}, "slice2d": {"slice2d", "slice2d_path"}}
     for p in probes:
         assert expected.get(p, set()) <= tables, (p, tables)
     check_claim(name, runs)
@@ -247,4 +250,16 @@ def _per_run_values(experiment: str, path) -> list[tuple[list[float], bool]]:
         al = _last_steps(s.table("alpha_step"), 25)
         rows += [([100 * float(g.mean())], False) for _, g in al.groupby(["direction", "alpha"])["relative_change"]]
         return rows
+    if experiment == "ggn-fisher":
+        eig = s.table("eigen")
+        top = eig[eig["index"] == 1].groupby("step")["value"].mean().sort_index()
+        late = top.iloc[len(top) // 2 :]
+        return [([float(top.iloc[-1]), float(top.max()), float(late.mean())], False)]
+    if experiment == "loss-slice":
+        sl = s.table("slice2d")
+        last = sl[sl["step"] == sl["step"].max()]
+        span = last["a"].abs().max()
+        edge = last[(last["a"].abs() == span) | (last["b"].abs() == span)]["loss"].min()
+        centre = float(last[(last["a"] == 0) & (last["b"] == 0)]["loss"].iloc[0])
+        return [([centre, float(last["loss"].min()), float(edge), float(edge) - centre], False)]
     raise AssertionError(f"no recomputation for {experiment}")

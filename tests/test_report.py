@@ -39,7 +39,7 @@ def test_run_report_contents(tmp_path):
     assert_self_contained(page)
     assert "<code>train-restore</code>: batch statistics" in page
     assert "<b>160</b> training examples (50% of 320)" in page
-    assert page.count("data:image/png;base64,") == 9  # 7 run figures, walk and bowl twice
+    assert page.count("data:image/png;base64,") == 10  # 8 run figures, walk and bowl twice
     for quantity in ("peak λ₁ (5-point smoothed)", "k_min along e1, 1% rise", "α = 4 along e1: loss change",
                      "barriers crossed"):
         assert quantity in page

@@ -27,6 +27,7 @@ from sgdscope.claims.jastrzebski import (
     subspace_gamma,
     subspace_variants,
 )
+from sgdscope.claims.operators import ggn_fisher, loss_slice
 from sgdscope.claims.xing import (
     barriers_per_epoch_claim,
     cosine_vs_batch_and_lr,
@@ -53,6 +54,8 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "cosine-vs-batch-and-lr": cosine_vs_batch_and_lr,
     "isotropic-noise": isotropic_noise,
     "lr-schedules": lr_schedules,
+    "ggn-fisher": ggn_fisher,
+    "loss-slice": loss_slice,
 }
 
 

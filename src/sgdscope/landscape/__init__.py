@@ -8,18 +8,23 @@ from sgdscope.landscape.directions import (
     typical_step,
 )
 from sgdscope.landscape.interpolate import interpolate, loss_along, loss_at_points
+from sgdscope.landscape.slices import filter_normalized_direction, loss_slice, plane_coordinates, slice_axis
 from sgdscope.landscape.valley import BARRIER_REL_TOL, ValleyProfile, valley_profile
 
 __all__ = [
     "BARRIER_REL_TOL",
     "ValleyProfile",
     "alpha_step_changes",
+    "filter_normalized_direction",
     "interpolate",
     "k_min",
     "loss_along",
     "loss_at_points",
+    "loss_slice",
     "minibatch_grads",
+    "plane_coordinates",
     "random_direction",
+    "slice_axis",
     "typical_step",
     "valley_profile",
 ]

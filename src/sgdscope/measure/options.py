@@ -59,10 +59,14 @@ class WeightsProbe(Strict):
 
 
 class EigenProbe(_Probe):
-    """Top-K eigenpairs. ``tol``: the relative residual target, None = the solver's default (1e-3 from a
+    """Top-K eigenpairs of the curvature operator named by ``curvature``: the Hessian (default), the
+    generalised Gauss–Newton matrix or the empirical Fisher (:mod:`sgdscope.curvature.ggn`). The tracker
+    holds that operator's pairs, so the direction, α-step and alignment probes and Nudged-SGD read its
+    eigenvectors too. ``tol``: the relative residual target, None = the solver's default (1e-3 from a
     random start, 5e-2 from the previous step's basis); ``tol_eig``: the relative eigenvalue error bound
     every pair must also meet (None: residual only). See :func:`sgdscope.curvature.top_eigenpairs`."""
 
+    curvature: Literal["hessian", "ggn", "fisher"] = "hessian"
     k: int = Field(5, gt=0, le=100)
     which: Literal["LA", "LM"] = "LA"
     tol: Optional[float] = Field(None, gt=0)
@@ -114,6 +118,18 @@ class InterpolationProbe(_Probe):
         return v
 
 
+class Slice2DProbe(_Probe):
+    """The loss on a 2-D grid around θ_t (Li et al. 2018) and the trajectory projected onto that plane
+    (:mod:`sgdscope.measure.probes.slices`)."""
+
+    directions: Literal["eigen", "random"] = "eigen"  # e₁, e₂ of the tracker | filter-normalised random
+    grid: int = Field(21, ge=3, le=201)  # points per axis
+    span: float = Field(1.0, gt=0)  # a, b ∈ [−span, span]: parameter distance (eigen) or filter units (random)
+    subset: Literal["measure", "full"] = "measure"
+    method: Literal["auto", "loop", "vmap"] = "auto"  # loss_at_points' evaluation: vmap batches a grid row
+    max_snapshots: int = Field(64, ge=2, le=10_000)  # past iterates kept (on CPU) for the projected path
+
+
 class AlignmentProbe(_Probe):
     """cos(g, e_i) of the minibatch and the full gradient with each tracked eigenvector (no extra keys)."""
 
@@ -129,6 +145,7 @@ class ProbesOptions(Strict):
     alpha_step: Optional[AlphaStepProbe] = None
     interpolation: Optional[InterpolationProbe] = None
     alignment: Optional[AlignmentProbe] = None
+    slice2d: Optional[Slice2DProbe] = None
 
 
 def probe_options(probes: Union[None, ProbesOptions, Mapping[str, Any]]) -> ProbesOptions:

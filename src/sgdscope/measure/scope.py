@@ -145,7 +145,8 @@ class Scope:
         self.probes: list[Probe] = [
             PROBES[name](opts, self.env) for name, opts in self.options if opts is not None
         ]
-        if any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS):
+        consumers = any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS)
+        if consumers or any(p.tracker_k() for p in self.probes):
             self.env.tracker = self._tracker(self._tracker_k())
         self.sink: RowSink = sink if sink is not None else MemorySink()
         self.sinks: list[RowSink] = [self.sink, *sinks]
@@ -158,12 +159,13 @@ class Scope:
         o = self.options
         ks = [o.eigen.k if o.eigen else 1]
         ks += [max(p.eigen_indices) for p in (o.direction, o.alpha_step) if p is not None]
-        return max(ks)
+        return max(ks + [p.tracker_k() for p in self.probes])
 
     def _tracker(self, k: int) -> EigenTracker:
         e = self.options.eigen
         return EigenTracker(self.env, k, which=e.which if e else "LA", tol=e.tol if e else None,
-                            tol_eig=e.tol_eig if e else 1e-3, max_hvps=e.max_hvps if e else 500)
+                            tol_eig=e.tol_eig if e else 1e-3, max_hvps=e.max_hvps if e else 500,
+                            curvature=e.curvature if e else "hessian")
 
     def track(self, k: int) -> EigenTracker:
         """Make sure the shared eigen tracker exists and holds at least ``k`` pairs (e.g. for Nudged-SGD)."""
@@ -285,8 +287,9 @@ class Scope:
         self._commit({table: [dict(r) for r in rows]})
 
     def eigenpairs(self, k: Optional[int] = None) -> EigenResult:
-        """The top-k Hessian eigenpairs at the current parameters, tracked: warm-started from the previous
-        solve and computed at most once per step (shared with the probes)."""
+        """The top-k eigenpairs of the tracked curvature (the Hessian unless ``probes.eigen.curvature`` names
+        the GGN or the Fisher) at the current parameters: warm-started from the previous solve and computed
+        at most once per step (shared with the probes)."""
         self._check_open()
         tracker = self.env.tracker or self.track(k or 5)  # a fresh tracker: the eigen probe's default K
         return tracker.get(self.t, k)

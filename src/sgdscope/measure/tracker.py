@@ -1,17 +1,20 @@
-"""Top-K Hessian eigenpairs along the trajectory, warm-started from the previous measurement.
+"""Top-K curvature eigenpairs along the trajectory, warm-started from the previous measurement.
 
-The :class:`EigenTracker` owns the Hessian operator on the fixed measurement set and the last Ritz
-vectors. Every consumer (the ``eigen`` probe, the direction, α-step and alignment probes, Nudged-SGD
-through ``Scope.eigenpairs``) asks it for the pairs at the current step, so one solve serves them all, and
-each solve starts from the previous vectors: along a trajectory the top eigenspace moves slowly, which is
-what makes the warm start pay.
+The :class:`EigenTracker` owns the curvature operator on the fixed measurement set (the Hessian, or the
+Gauss–Newton or empirical Fisher matrix: ``probes.eigen.curvature``) and the last Ritz vectors. Every
+consumer (the ``eigen`` probe, the direction, α-step and alignment probes, Nudged-SGD through
+``Scope.eigenpairs``) asks it for the pairs at the current step, so one solve serves them all, and each
+solve starts from the previous vectors: along a trajectory the top eigenspace moves slowly, which is
+what makes the warm start pay. The consumers get the eigenvectors of whichever operator the tracker
+holds: with ``curvature: ggn`` the direction probes walk along GGN eigenvectors and Nudged-SGD rescales the
+GGN's top subspace.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from sgdscope.curvature import EigenResult, HessianOperator, top_eigenpairs
+from sgdscope.curvature import CURVATURES, EigenResult, HessianOperator, top_eigenpairs
 from sgdscope.measure.env import Env
 
 
@@ -22,21 +25,26 @@ class EigenTracker:
     """
 
     def __init__(self, env: Env, k: int, which: str = "LA", tol: Optional[float] = None, max_hvps: int = 500,
-                 tol_eig: Optional[float] = 1e-3) -> None:
+                 tol_eig: Optional[float] = 1e-3, curvature: str = "hessian") -> None:
         n = sum(p.numel() for p in env.model.parameters() if p.requires_grad)
         if k > n:
             from sgdscope.errors import ConfigError
 
             raise ConfigError(f"probes.eigen.k: {k} is larger than the number of parameters ({n})")
+        if curvature not in CURVATURES:
+            from sgdscope.errors import ConfigError
+
+            raise ConfigError(f"probes.eigen.curvature: {curvature!r} is not one of {', '.join(CURVATURES)}")
         self.env, self.k, self.which, self.tol, self.max_hvps, self.n_params = env, k, which, tol, max_hvps, n
-        self.tol_eig = tol_eig
+        self.tol_eig, self.curvature = tol_eig, curvature
         self.vectors = None
         self._cache: Optional[tuple[int, EigenResult]] = None
 
     def operator(self, step: int = 0) -> HessianOperator:
-        """H of the mean measured loss at the model's current parameters, dropout masks fixed per step."""
+        """H (or G, or F: ``curvature``) of the mean measured loss at the model's current parameters,
+        dropout masks fixed per step (the same masks whichever operator, so the three are comparable)."""
         env = self.env
-        return HessianOperator(
+        return CURVATURES[self.curvature](
             env.model, env.loss_fn, env.measure_batches, bn_policy=env.bn_policy, weight_decay=env.l2,
             include_l2=env.l2 > 0, ignore_index=env.ignore_index, mask_seed=env.mask_seed("hessian", step),
         )
@@ -52,8 +60,8 @@ class EigenTracker:
             return self._cache[1]
         self.k = want
         res = top_eigenpairs(
-            self.operator(step), k=want, which=self.which, tol=self.tol, tol_eig=self.tol_eig, max_hvps=self.max_hvps,
-            init=self.vectors, generator=self.env.generator("eigen-init", step),
+            self.operator(step), k=want, which=self.which, tol=self.tol, tol_eig=self.tol_eig,
+            max_hvps=self.max_hvps, init=self.vectors, generator=self.env.generator("eigen-init", step),
         )
         # the next solve starts from every Ritz vector this one kept (its guard too, where it returns them)
         basis = getattr(res, "basis", None)

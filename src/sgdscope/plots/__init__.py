@@ -15,7 +15,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import matplotlib
 
 from sgdscope.errors import ConfigError, RunStoreError
-from sgdscope.plots import curves, sharpest, walk
+from sgdscope.plots import curves, operators, sharpest, slices, walk
 from sgdscope.plots._common import STYLE, lacks, source
 from sgdscope.plots import sweep as sweep_figs
 from sgdscope.store import RunStore
@@ -66,6 +66,10 @@ FIGURES: dict[str, Figure] = {
                    "Loss interpolated between consecutive iterates, valley floors joined by a dashed line, barrier "
                    "crossings marked; above, the consecutive-gradient cosine and the distance from init "
                    "(Xing Figs. 1-2).", columns={"interpolation": ("step", "alpha", "loss")}),
+    "slice2d": Figure(slices.slice2d, ("slice2d",),
+                      "Filled contours of the 2-D loss slice around θ_t (along e₁, e₂ or filter-normalised random "
+                      "directions, Li et al. 2018) with the earlier iterates projected onto its plane.",
+                      columns={"slice2d": ("step", "a", "b", "loss")}),
     # a sweep
     "sweep_curves": Figure(curves.sweep_curves, ("epoch",),
                            "Training loss, validation accuracy and distance from init of every run.", _ALWAYS),
@@ -89,6 +93,10 @@ FIGURES: dict[str, Figure] = {
     "gd_vs_noise": Figure(walk.gd_vs_noise, ("epoch", "train"),
                           "GD, GD with isotropic noise and SGD: loss, accuracy, cosine, distance and final "
                           "parameter norm (Xing Fig. 5).", ("optimizer.name", "optimizer.noise_factor")),
+    "curvature_kinds": Figure(operators.curvature_kinds, ("eigen",),
+                              "λ₁ of the Hessian, the Gauss–Newton matrix and the empirical Fisher over training on "
+                              "one axis, and their ratios to λ₁(H) (probes.eigen.curvature across the runs).",
+                              ("probes.eigen.curvature",), columns={"eigen": ("step", "index", "value")}),
     "schedules": Figure(walk.schedules, ("epoch", "train"),
                         "Learning-rate schedules: lr, training loss and validation accuracy (Xing Fig. 6).",
                         ("schedule.",)),

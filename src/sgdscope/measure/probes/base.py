@@ -55,6 +55,11 @@ class Probe:
             return epoch_end or step == 0
         return step % every == 0
 
+    def tracker_k(self) -> int:
+        """How many eigenpairs this probe reads from the shared tracker with its options (0: none). The
+        probes named in ``EIGEN_CONSUMERS`` get a tracker whatever this says."""
+        return 0
+
     def wants_segment(self, t: int, epoch: int) -> bool:
         """Whether the update θ_t → θ_{t+1} (of 1-based ``epoch``) is measured as a segment (interpolation)."""
         return False

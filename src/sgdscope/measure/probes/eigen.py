@@ -9,7 +9,8 @@ from sgdscope.measure.probes.base import Probe, Rows, StepInfo
 
 
 class EigenProbe(Probe):
-    """The tracked top-K eigenpairs at each due step, with their diagnostics (residual, error bound, HVPs)."""
+    """The tracked top-K eigenpairs at each due step, with their diagnostics (residual, error bound, HVPs)
+    and the operator they belong to (``curvature``: hessian, ggn or fisher)."""
 
     name = "eigen"
     tables = ("eigen", "curvature")
@@ -25,10 +26,12 @@ class EigenProbe(Probe):
                 "error_bound": float(bounds[i]) if bounds is not None else math.nan,
                 "n_hvps": res.n_hvps, "converged": int(res.converged), "which": res.which,
                 "subset_size": env.measure_size, "bn_policy": env.bn_policy, "includes_l2": int(env.l2 > 0),
+                "curvature": env.tracker.curvature,
             }
             for i in range(k)
         ]
-        curv = {**base, "frobenius_topk": frobenius_topk(res.values[:k]), "lambda_max": float(res.values[0]), "k": k}
+        curv = {**base, "frobenius_topk": frobenius_topk(res.values[:k]), "lambda_max": float(res.values[0]), "k": k,
+                "curvature": env.tracker.curvature}
         if self.opts.save_vectors and env.save_tensors is not None:
             env.save_tensors(f"eigen_step{info.step:08d}", {"values": res.values[:k], "vectors": res.vectors[:k]})
         return {"eigen": rows, "curvature": [curv]}
