@@ -4,6 +4,7 @@ from sgdscope.landscape.directions import (
     alpha_step_changes,
     k_min,
     minibatch_grads,
+    minibatch_indices,
     random_direction,
     typical_step,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "loss_along",
     "loss_at_points",
     "minibatch_grads",
+    "minibatch_indices",
     "random_direction",
     "typical_step",
     "valley_profile",
