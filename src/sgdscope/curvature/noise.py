@@ -72,7 +72,8 @@ def gradient_noise(grads: Tensor, vectors: Tensor, m: int) -> NoiseStats:
     # eigenvectors of DᵀD from the n × n Gram matrix (float64: small eigenvalues of a near-rank-deficient Gram)
     evals, Q = torch.linalg.eigh((D @ D.T).double())
     evals, Q = evals.flip(0)[:m], Q.flip(1)[:, :m]
-    tiny = torch.finfo(grads.dtype).eps * max(float(evals[0]), 0.0) * n
+    # a noise eigenvalue at the round-off of centring gradients of this size is no direction at all
+    tiny = torch.finfo(grads.dtype).eps * n * float(grads.double().square().sum())
     if float(evals[-1]) <= tiny:  # fewer than m noise directions (e.g. every draw the same batch)
         return NoiseStats(variance, trace, float("nan"), (evals / (n - 1)).to(grads.dtype), n)
     # u_a = Dᵀq_a/√Λ_a, so ⟨u_a, e_i⟩ = (D e_i)ᵀ q_a/√Λ_a: the overlap needs only the projections
