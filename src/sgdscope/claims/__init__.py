@@ -27,6 +27,7 @@ from sgdscope.claims.jastrzebski import (
     subspace_gamma,
     subspace_variants,
 )
+from sgdscope.claims.noise_sharpness import adaptive_sharpness, gradient_noise_claim
 from sgdscope.claims.xing import (
     barriers_per_epoch_claim,
     cosine_vs_batch_and_lr,
@@ -53,6 +54,8 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "cosine-vs-batch-and-lr": cosine_vs_batch_and_lr,
     "isotropic-noise": isotropic_noise,
     "lr-schedules": lr_schedules,
+    "gradient-noise": gradient_noise_claim,
+    "adaptive-sharpness": adaptive_sharpness,
 }
 
 

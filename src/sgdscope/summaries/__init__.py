@@ -17,7 +17,7 @@ from typing import Callable
 Row = tuple[str, str, float, str]
 
 # module names under sgdscope.summaries, in report order
-SECTIONS: tuple[str, ...] = ()
+SECTIONS: tuple[str, ...] = ("gradient_noise", "sharpness")
 
 
 def extra_rows(store) -> list[Row]:
