@@ -74,6 +74,12 @@ def _shorten(raw: dict[str, Any]) -> dict[str, Any]:
     for p in ("direction", "alpha_step"):
         if p in probes:
             probes[p]["n_grads"] = 2
+    if "gradient_noise" in probes:
+        probes["gradient_noise"].update(n_grads=6, trace_samples=4)
+    if "batch_sharpness" in probes:
+        probes["batch_sharpness"].update(n_batches=2, max_hvps=30)
+    if "preconditioned_sharpness" in probes:
+        probes["preconditioned_sharpness"].update(tol=0.1, max_hvps=40)
     sched = raw.get("schedule") or {}
     for k in ("step_size", "t_up", "t_flat", "t_down"):
         if k in sched:
@@ -119,7 +125,8 @@ def test_cpu_recipe_runs_shortened(name, tmp_path):
     probes = raw.get("probes") or {}
     tables = set(RunStore(runs[0][1]).tables())
     expected = {"eigen": {"eigen"}, "direction": {"direction", "k_min"}, "alpha_step": {"alpha_step"},
-                "interpolation": {"interpolation", "valley"}}
+                "interpolation": {"interpolation", "valley"}, "gradient_noise": {"gradient_noise", "gradient_noise_step"},
+                "batch_sharpness": {"batch_sharpness"}, "preconditioned_sharpness": {"preconditioned_sharpness"}}
     for p in probes:
         assert expected.get(p, set()) <= tables, (p, tables)
     check_claim(name, runs)
@@ -247,4 +254,21 @@ def _per_run_values(experiment: str, path) -> list[tuple[list[float], bool]]:
         al = _last_steps(s.table("alpha_step"), 25)
         rows += [([100 * float(g.mean())], False) for _, g in al.groupby(["direction", "alpha"])["relative_change"]]
         return rows
+    if experiment == "gradient-noise":
+        gn, st = _late_half(s.table("gradient_noise")), _late_half(s.table("gradient_noise_step"))
+        pos = gn[gn["ratio"] > 0].groupby("step")["ratio"]
+        spread = float(np.median([g.max() / g.min() for _, g in pos if len(g) > 1]))
+        return [([spread, float(gn["ratio"].median()), st["overlap"].mean(), st["overlap_chance"].mean(),
+                  st["trace_ratio"].mean()], False)]
+    if experiment in ("adaptive-sharpness", "batch-sharpness"):
+        bs, ps = _late_half(s.table("batch_sharpness")), _late_half(s.table("preconditioned_sharpness"))
+        return [([lr, (ps["preconditioned_sharpness"] / ps["threshold"]).mean(), float(ps["ratio"].max()),
+                  (bs["batch_sharpness"] / bs["threshold"]).mean(), (bs["lambda_max"] / bs["threshold"]).mean()],
+                 False)]
     raise AssertionError(f"no recomputation for {experiment}")
+
+
+def _late_half(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the last ⌈n/2⌉ of the n measured steps (the issue-13 claims' "late half")."""
+    steps = sorted(df["step"].unique())
+    return df[df["step"].isin(steps[len(steps) // 2:])]

@@ -27,7 +27,7 @@ from sgdscope.claims.jastrzebski import (
     subspace_gamma,
     subspace_variants,
 )
-from sgdscope.claims.noise_sharpness import adaptive_sharpness, gradient_noise_claim
+from sgdscope.claims.noise_sharpness import adaptive_sharpness, batch_sharpness_claim, gradient_noise_claim
 from sgdscope.claims.xing import (
     barriers_per_epoch_claim,
     cosine_vs_batch_and_lr,
@@ -56,6 +56,7 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "lr-schedules": lr_schedules,
     "gradient-noise": gradient_noise_claim,
     "adaptive-sharpness": adaptive_sharpness,
+    "batch-sharpness": batch_sharpness_claim,
 }
 
 
