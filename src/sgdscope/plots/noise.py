@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import cm, colors
+from matplotlib.ticker import NullFormatter
 
 from sgdscope.plots._common import color, missing_column, no_data, save, subplots, title
 from sgdscope.store import RunStore
@@ -26,6 +27,7 @@ def gradient_noise(store: RunStore, out_dir: Path) -> list[Path]:
         ax.scatter(ok["eigenvalue"], ok["variance"], c=ok["step"], cmap="viridis", norm=norm, s=14)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short decade
         lo, hi = float(ok["eigenvalue"].min()), float(ok["eigenvalue"].max())
         grid = np.geomspace(lo, hi if hi > lo else lo * 10, 20)
         med = float(np.median(ok["ratio"]))
