@@ -59,7 +59,7 @@ def gradient_noise(grads: Tensor, vectors: Tensor, m: int) -> NoiseStats:
 
     >>> g = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
     >>> s = gradient_noise(g, torch.eye(3, dtype=torch.float64)[:2], m=1)
-    >>> s.variance.tolist(), s.trace, s.overlap
+    >>> s.variance.tolist(), s.trace, round(s.overlap, 12)
     ([2.0, 0.0], 2.0, 1.0)
     """
     n = grads.shape[0]

@@ -48,8 +48,8 @@ class Preconditioner:
 def stability_threshold(kind: str, lr: float, beta1: float = 0.0) -> float:
     """(2 + 2β)/η for SGD with heavy-ball momentum β (2/η without), (2 + 2β₁)/((1 − β₁)·η) for Adam.
 
-    >>> stability_threshold("sgd", 0.1), stability_threshold("sgd", 0.1, 0.9), round(stability_threshold("adam", 0.01, 0.9), 9)
-    (20.0, 38.0, 3800.0)
+    >>> [round(stability_threshold(*a), 9) for a in (("sgd", 0.1), ("sgd", 0.1, 0.9), ("adam", 0.01, 0.9))]
+    [20.0, 38.0, 3800.0]
     """
     if kind == "sgd":
         return (2 + 2 * beta1) / lr
@@ -59,7 +59,8 @@ def stability_threshold(kind: str, lr: float, beta1: float = 0.0) -> float:
 
 
 def _one(groups: Sequence[dict], key: str, what: str) -> float:
-    values = {float(g[key]) if not isinstance(g[key], tuple) else float(g[key][0]) for g in groups}
+    # betas is a pair (β₁ is what the threshold needs); a state dict loaded from disk may hold it as a list
+    values = {float(g[key][0]) if isinstance(g[key], (tuple, list)) else float(g[key]) for g in groups}
     if len(values) != 1:
         raise ConfigError(f"probes.preconditioned_sharpness: the optimizer's param groups have different {what} "
                           f"({sorted(values)}); one threshold needs one value")
@@ -67,10 +68,12 @@ def _one(groups: Sequence[dict], key: str, what: str) -> float:
 
 
 def read_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module) -> Optional[Preconditioner]:
-    """The preconditioner ``optimizer`` would apply at its next step, for ``model``'s trainable parameters.
+    """The preconditioner of ``optimizer``'s last update, for ``model``'s trainable parameters.
 
     ``torch.optim.SGD`` (not Nesterov): P = I. ``torch.optim.Adam`` / ``AdamW``: P = √v̂ + ε per entry, with
-    v̂ = v/(1 − β₂ᵗ) (AMSGrad: the running max of v), exactly the denominator torch divides by. Returns None
+    v̂ = v/(1 − β₂ᵗ) (AMSGrad: the running max of v), exactly the denominator torch divided by in its last step. AdamW's
+    decoupled weight decay acts outside the preconditioner and is left out of H (an Adam whose own
+    weight_decay is an L2 term: pass it to the Scope as ``weight_decay`` to have it in H). Returns None
     while Adam has no state yet (before its first step, where v̂ = 0/0 is undefined). A trainable
     parameter the optimizer does not hold is refused (no preconditioner applies to it). The state is only
     read (every tensor made here is new), never written. Any other optimizer (Nudged-SGD, whose γ acts in

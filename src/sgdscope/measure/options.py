@@ -133,7 +133,8 @@ class GradientNoiseProbe(_Probe):
 
 class BatchSharpnessProbe(_Probe):
     """λ_max of the Hessian of each of ``n_batches`` minibatches of the training batch size, averaged; each
-    solve stops at relative residual ``tol`` or after ``max_hvps`` products."""
+    solve stops at relative residual ``tol`` or after ``max_hvps`` products. In a Scope, pass
+    ``batch_size`` (else a "minibatch" is the whole measurement set and this is the full-batch λ₁)."""
 
     n_batches: int = Field(10, gt=0)
     tol: float = Field(1e-2, gt=0)
