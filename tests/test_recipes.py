@@ -74,8 +74,9 @@ def _shorten(raw: dict[str, Any]) -> dict[str, Any]:
     for p in ("direction", "alpha_step"):
         if p in probes:
             probes[p]["n_grads"] = 2
-    if "gradient_noise" in probes:
-        probes["gradient_noise"].update(n_grads=6, trace_samples=4)
+    if "gradient_noise" in probes:  # fewer eigenpairs: the top-k solve is most of its cost
+        probes["gradient_noise"].update(n_grads=6, trace_samples=4, k=2, m=1)
+        probes["eigen"]["k"] = 2
     if "batch_sharpness" in probes:
         probes["batch_sharpness"].update(n_batches=2, max_hvps=30)
     if "preconditioned_sharpness" in probes:

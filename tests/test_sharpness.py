@@ -187,8 +187,8 @@ def test_batch_sharpness_equals_the_mean_of_dense_minibatch_hessians():
     assert pre["threshold"] == pytest.approx(30.0)
 
 
-NEW = {"gradient_noise": {"every": 2, "n_grads": 4, "k": 2, "m": 1, "trace_samples": 4},
-       "batch_sharpness": {"every": 2, "n_batches": 2}, "preconditioned_sharpness": {"every": 2}}
+NEW = {"gradient_noise": {"every": 4, "n_grads": 4, "k": 2, "m": 1, "trace_samples": 4},
+       "batch_sharpness": {"every": 4, "n_batches": 2}, "preconditioned_sharpness": {"every": 4}}
 
 
 class DropNet(nn.Module):
