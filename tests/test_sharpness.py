@@ -20,6 +20,7 @@ from sgdscope.curvature.flat import get_flat
 from sgdscope.curvature.preconditioned import PreconditionedOperator, read_preconditioner, stability_threshold
 from sgdscope.errors import ConfigError
 from sgdscope.measure.scope import Scope
+from sgdscope.store import RunStore
 from sgdscope.models.quadratic import Quadratic, output_mean
 from sgdscope.train.build import build_optimizer
 
@@ -242,3 +243,25 @@ def test_adam_in_the_config():
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:
             validate({"optimizer": bad})
         assert "\n" not in str(err.value)
+
+
+def test_trainer_with_adam_is_not_perturbed_by_the_new_probes(tmp_path):
+    from sgdscope.train import run
+
+    def cfg(probes):
+        return {"seed": 3, "device": "cpu", "data": {"name": "synthetic", "n_samples": 200, "input_shape": [6],
+                                                      "num_classes": 3},
+                "model": {"name": "mlp", "widths": [8], "batchnorm": True, "dropout": 0.2},
+                "optimizer": {"name": "adam", "lr": 0.01, "batch_size": 32, "weight_decay": 1e-3},
+                "train": {"epochs": 1}, "measure": {"subset": 0.5, "min_subset": 50, "batch_size": 64},
+                "probes": probes}
+
+    a = run(cfg({}), tmp_path / "a", progress=False)
+    b = run(cfg({k: {**v, "every": 3} for k, v in NEW.items()}), tmp_path / "b", progress=False)
+    ca, cb = (torch.load(p / "checkpoints" / "last.pt", weights_only=True) for p in (a, b))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # with BN running statistics
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])  # Adam's m, v and step
+    rows = RunStore(b).table("preconditioned_sharpness")
+    assert len(rows) and (rows["optimizer"] == "adam").all()
+    assert rows["threshold"].tolist() == pytest.approx([38 / 0.01] * len(rows))
