@@ -72,7 +72,7 @@ def batch_sharpness(store: RunStore, out_dir: Path) -> list[Path]:
     """η·(batch sharpness) with its min-max band over the drawn batches, η·λ₁ of the full measurement set,
     and the threshold η·(2 + 2β)/η = 2 + 2β of SGD with momentum β."""
     bs, t = store.table("batch_sharpness"), time_axis(store)
-    fig, axes = subplots(1, 1, panel=(6.5, 3.4))
+    fig, axes = subplots(1, 1, panel=(8.0, 3.4))
     ax, x = axes[0, 0], t(bs["step"])
     ax.fill_between(x, bs["lr"] * bs["batch_sharpness_min"], bs["lr"] * bs["batch_sharpness_max"], color=color(0),
                     alpha=0.15, lw=0, label="min–max over batches")
@@ -82,14 +82,14 @@ def batch_sharpness(store: RunStore, out_dir: Path) -> list[Path]:
     ax.set_xlabel(t.label)
     ax.set_ylabel("η × curvature")
     ax.legend(fontsize=7.5)
-    title(fig, "Batch sharpness: λ_max of the minibatch Hessian, averaged over batches", store.path.name)
+    title(fig, "Batch sharpness (mean λ_max of minibatch Hessians)", store.path.name)
     return [save(fig, out_dir / "batch_sharpness.png")]
 
 
 def preconditioned_sharpness(store: RunStore, out_dir: Path) -> list[Path]:
     """λ_max(P⁻¹H) and H's own λ₁ over training against the optimizer's stability threshold, and their ratio."""
     ps, t = store.table("preconditioned_sharpness"), time_axis(store)
-    fig, axes = subplots(1, 2, panel=(4.6, 3.2))
+    fig, axes = subplots(1, 2, panel=(4.8, 3.2))
     ax, x = axes[0, 0], t(ps["step"])
     kind = str(ps["optimizer"].iloc[-1]) if "optimizer" in ps and len(ps) else "?"
     ax.plot(x, ps["preconditioned_sharpness"], color=color(0), marker="o", ms=2.5, label="λ_max(P⁻¹H)")
@@ -106,5 +106,5 @@ def preconditioned_sharpness(store: RunStore, out_dir: Path) -> list[Path]:
     ax.axhline(1.0, color="#dc2626", ls="--", lw=1.1)
     ax.set_xlabel(t.label)
     ax.set_title("λ_max(P⁻¹H) / threshold")
-    title(fig, "Preconditioned sharpness against the stability threshold (Cohen et al. 2022)", store.path.name)
+    title(fig, "λ_max(P⁻¹H) against its threshold (Cohen et al. 2022)", store.path.name)
     return [save(fig, out_dir / "preconditioned_sharpness.png")]
