@@ -59,7 +59,7 @@ def _shorten(raw: dict[str, Any]) -> dict[str, Any]:
     train = raw.setdefault("train", {})
     spe = train.get("epoch_size")
     train["epochs"] = 4 if spe and spe <= 128 else 2   # one-step "epochs" (walk, cosine) get a few more
-    if spe and spe > 1024:  # adaptive-sharpness: 10 steps of S = 500 per "epoch", 40 once S is cut to 128
+    if spe and spe > 1024:  # adaptive-sharpness: 36,000 examples per "epoch", 282 steps once S is cut to 128
         train["epoch_size"] = 1024
     if raw["optimizer"]["name"] in ("gd", "noisy_gd"):
         train["epochs"] = 3
