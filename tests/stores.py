@@ -78,6 +78,21 @@ def synthetic_run(path: Path, *, lr: float = 0.1, epochs: int = 6, seed: int = 0
                    "cos_full": -0.2 * i, "logged_at": t} for i in (1, 2, 3)]
     s.append_many({"eigen": eig, "curvature": curv, "direction": direction, "k_min": kmin, "alpha_step": alpha,
                    "alignment": align})
+    # issue 13: gradient noise against curvature, batch and preconditioned sharpness, at the eigen steps
+    noise = [{"step": t, "epoch": max(1, (t - 1) // SPE + 1) if t else 0, "eigen_index": i, "eigenvalue": lam1(t, lr) / i,
+              "variance": 0.01 * lam1(t, lr) / i, "ratio": 0.01, "logged_at": t} for t in eigen_steps for i in (1, 2, 3)]
+    noise_step = [{"step": t, "epoch": max(1, (t - 1) // SPE + 1) if t else 0, "overlap": 0.8, "overlap_chance": 3 / 1234,
+                   "m": 2, "k": 3, "trace_c": 0.1, "trace_h": 10.0, "trace_h_stderr": 0.5, "trace_ratio": 0.01,
+                   "logged_at": t} for t in eigen_steps]
+    sharp = [{"step": t, "epoch": max(1, (t - 1) // SPE + 1) if t else 0, "batch_sharpness": 1.2 * lam1(t, lr),
+              "batch_sharpness_min": lam1(t, lr), "batch_sharpness_max": 1.5 * lam1(t, lr), "lambda_max": lam1(t, lr),
+              "lr": lr, "lr_batch_sharpness": 1.2 * lr * lam1(t, lr), "lr_lambda_max": lr * lam1(t, lr),
+              "threshold": 2 / lr, "logged_at": t} for t in eigen_steps]
+    pre = [{"step": t, "epoch": max(1, (t - 1) // SPE + 1) if t else 0, "optimizer": "sgd",
+            "preconditioned_sharpness": lam1(t, lr), "lambda_max": lam1(t, lr), "threshold": 2 / lr,
+            "ratio": lam1(t, lr) * lr / 2, "logged_at": t} for t in eigen_steps]
+    s.append_many({"gradient_noise": noise, "gradient_noise_step": noise_step, "batch_sharpness": sharp,
+                   "preconditioned_sharpness": pre})
     interp, valley = [], []
     for ep in (1, epochs):
         for t in range((ep - 1) * SPE, ep * SPE):

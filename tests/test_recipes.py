@@ -59,6 +59,8 @@ def _shorten(raw: dict[str, Any]) -> dict[str, Any]:
     train = raw.setdefault("train", {})
     spe = train.get("epoch_size")
     train["epochs"] = 4 if spe and spe <= 128 else 2   # one-step "epochs" (walk, cosine) get a few more
+    if spe and spe > 1024:  # adaptive-sharpness: 36,000 examples per "epoch", 282 steps once S is cut to 128
+        train["epoch_size"] = 1024
     if raw["optimizer"]["name"] in ("gd", "noisy_gd"):
         train["epochs"] = 3
     raw["optimizer"]["gd_chunk"] = 100
@@ -76,6 +78,13 @@ def _shorten(raw: dict[str, Any]) -> dict[str, Any]:
             probes[p]["n_grads"] = 2
     if "slice2d" in probes:
         probes["slice2d"]["grid"] = 5
+    if "gradient_noise" in probes:  # fewer eigenpairs: the top-k solve is most of its cost
+        probes["gradient_noise"].update(n_grads=6, trace_samples=4, k=2, m=1)
+        probes["eigen"]["k"] = 2
+    if "batch_sharpness" in probes:
+        probes["batch_sharpness"].update(n_batches=2, max_hvps=30)
+    if "preconditioned_sharpness" in probes:
+        probes["preconditioned_sharpness"].update(tol=0.1, max_hvps=40)
     sched = raw.get("schedule") or {}
     for k in ("step_size", "t_up", "t_flat", "t_down"):
         if k in sched:
@@ -122,7 +131,9 @@ def test_cpu_recipe_runs_shortened(name, tmp_path):
     probes = raw.get("probes") or {}
     tables = set(RunStore(runs[0][1]).tables())
     expected = {"eigen": {"eigen"}, "direction": {"direction", "k_min"}, "alpha_step": {"alpha_step"},
-                "interpolation": {"interpolation", "valley"}, "slice2d": {"slice2d", "slice2d_path"}}
+                "interpolation": {"interpolation", "valley"}, "slice2d": {"slice2d", "slice2d_path"},
+                "gradient_noise": {"gradient_noise", "gradient_noise_step"}, "batch_sharpness": {"batch_sharpness"},
+                "preconditioned_sharpness": {"preconditioned_sharpness"}}
     for p in probes:
         assert expected.get(p, set()) <= tables, (p, tables)
     check_claim(name, runs)
@@ -262,4 +273,21 @@ def _per_run_values(experiment: str, path) -> list[tuple[list[float], bool]]:
         edge = last[(last["a"].abs() == span) | (last["b"].abs() == span)]["loss"].min()
         centre = float(last[(last["a"] == 0) & (last["b"] == 0)]["loss"].iloc[0])
         return [([centre, float(last["loss"].min()), float(edge), float(edge) - centre], False)]
+    if experiment == "gradient-noise":
+        gn, st = _late_half(s.table("gradient_noise")), _late_half(s.table("gradient_noise_step"))
+        pos = gn[gn["ratio"] > 0].groupby("step")["ratio"]
+        spread = float(np.median([g.max() / g.min() for _, g in pos if len(g) > 1]))
+        return [([spread, float(gn["ratio"].median()), st["overlap"].mean(), st["overlap_chance"].mean(),
+                  st["trace_ratio"].mean()], False)]
+    if experiment in ("adaptive-sharpness", "batch-sharpness"):
+        bs, ps = _late_half(s.table("batch_sharpness")), _late_half(s.table("preconditioned_sharpness"))
+        return [([lr, (ps["preconditioned_sharpness"] / ps["threshold"]).mean(), float(ps["ratio"].max()),
+                  (bs["batch_sharpness"] / bs["threshold"]).mean(), (bs["lambda_max"] / bs["threshold"]).mean()],
+                 False)]
     raise AssertionError(f"no recomputation for {experiment}")
+
+
+def _late_half(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the last ⌈n/2⌉ of the n measured steps (the issue-13 claims' "late half")."""
+    steps = sorted(df["step"].unique())
+    return df[df["step"].isin(steps[len(steps) // 2:])]

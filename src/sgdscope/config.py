@@ -72,7 +72,10 @@ class ModelConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["sgd", "nsgd", "gd", "noisy_gd"] = "sgd"
+    # adam: torch.optim.Adam with its own weight_decay 0; optimizer.weight_decay stays the explicit L2 term
+    # λ·Σw² of the loss for every optimizer, so adam with weight_decay > 0 is L2-regularised Adam (the
+    # gradient it preconditions includes 2λθ, and the measured Hessian the 2λI), not AdamW's decoupled decay
+    name: Literal["sgd", "nsgd", "gd", "noisy_gd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(128, gt=0)
@@ -86,6 +89,21 @@ class OptimizerConfig(_Strict):
     noise_factor: float = Field(0.0, ge=0)
     noise_scales: Literal["std", "variance"] = "std"  # code used std; paper says variance
     gd_chunk: int = Field(1000, gt=0)  # gd / noisy_gd: examples per chunk (exactly weighted)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam: (β₁, β₂), each in [0, 1)
+    eps: float = Field(1e-8, gt=0)  # adam: ε of the denominator √v̂ + ε
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("must be two numbers (β₁, β₂), each in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _adam(self) -> "OptimizerConfig":
+        if self.name == "adam" and self.momentum != 0:
+            raise ValueError("momentum: adam takes no momentum key; its momentum is β₁ = optimizer.betas[0]")
+        return self
 
 
 class ScheduleConfig(_Strict):

@@ -28,6 +28,7 @@ from sgdscope.claims.jastrzebski import (
     subspace_variants,
 )
 from sgdscope.claims.operators import ggn_fisher, loss_slice
+from sgdscope.claims.noise_sharpness import adaptive_sharpness, batch_sharpness_claim, gradient_noise_claim
 from sgdscope.claims.xing import (
     barriers_per_epoch_claim,
     cosine_vs_batch_and_lr,
@@ -56,6 +57,9 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "lr-schedules": lr_schedules,
     "ggn-fisher": ggn_fisher,
     "loss-slice": loss_slice,
+    "gradient-noise": gradient_noise_claim,
+    "adaptive-sharpness": adaptive_sharpness,
+    "batch-sharpness": batch_sharpness_claim,
 }
 
 

@@ -4,6 +4,7 @@ from sgdscope.landscape.directions import (
     alpha_step_changes,
     k_min,
     minibatch_grads,
+    minibatch_indices,
     random_direction,
     typical_step,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "loss_slice",
     "minibatch_grads",
     "plane_coordinates",
+    "minibatch_indices",
     "random_direction",
     "slice_axis",
     "typical_step",

@@ -35,6 +35,18 @@ def random_direction(model: nn.Module, generator: torch.Generator) -> Tensor:
     return d / d.norm()
 
 
+def minibatch_indices(
+    n_examples: int, batch_size: int, n: int, generator: torch.Generator, device: torch.device | None = None
+) -> list[Tensor]:
+    """``n`` minibatches of ``batch_size`` example indices, each drawn without replacement (the first
+    ``batch_size`` entries of its own random permutation) from ``generator``, on ``device``; the draws are
+    independent of one another. :func:`minibatch_grads` and the batch-sharpness probe draw the same way."""
+    if not 0 < batch_size <= n_examples:
+        raise ConfigError(f"minibatch_grads: batch_size {batch_size} must be in 1..{n_examples}")
+    return [torch.randperm(n_examples, generator=generator, device=generator.device)[:batch_size].to(device)
+            for _ in range(n)]
+
+
 def minibatch_grads(
     model: nn.Module,
     loss_fn: LossFn,
@@ -66,8 +78,7 @@ def minibatch_grads(
     params = [p for _, p in named_trainable(model)]
     out = []
     with measurement_mode(model, bn_policy):
-        for j in range(n):
-            idx = torch.randperm(len(y), generator=generator, device=generator.device)[:batch_size].to(y.device)
+        for j, idx in enumerate(minibatch_indices(len(y), batch_size, n, generator, y.device)):
             if n_targets(y[idx], ignore_index) == 0:
                 raise ValueError(f"minibatch_grads: minibatch {j} holds only ignore_index={ignore_index} targets")
             with fixed_masks(mask_seed, j, y.device):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sgdscope.errors import ConfigError, format_validation_error
 
@@ -134,6 +134,42 @@ class AlignmentProbe(_Probe):
     """cos(g, e_i) of the minibatch and the full gradient with each tracked eigenvector (no extra keys)."""
 
 
+class GradientNoiseProbe(_Probe):
+    """σ_i² = Var_j⟨g_j, e_i⟩ over ``n_grads`` minibatch gradients against λ_i for the top ``k`` pairs; the
+    overlap of the top ``m`` noise directions with the top-k Hessian subspace; tr(C)/tr(H), tr(H) by
+    Hutchinson with ``trace_samples`` Rademacher vectors (see :mod:`sgdscope.curvature.noise`)."""
+
+    n_grads: int = Field(32, ge=3)
+    k: int = Field(5, gt=0, le=100)
+    m: int = Field(3, gt=0)
+    trace_samples: int = Field(30, ge=2)
+
+    @model_validator(mode="after")
+    def _m(self) -> "GradientNoiseProbe":
+        if self.m > self.k or self.m > self.n_grads - 1:
+            raise ValueError(f"m ({self.m}) must be <= k ({self.k}) and <= n_grads - 1 ({self.n_grads - 1}): "
+                             "the overlap compares m noise directions with k Hessian ones, and n gradients span n - 1")
+        return self
+
+
+class BatchSharpnessProbe(_Probe):
+    """λ_max of the Hessian of each of ``n_batches`` minibatches of the training batch size, averaged; each
+    solve stops at relative residual ``tol`` or after ``max_hvps`` products. In a Scope, pass
+    ``batch_size`` (else a "minibatch" is the whole measurement set and this is the full-batch λ₁)."""
+
+    n_batches: int = Field(10, gt=0)
+    tol: float = Field(1e-2, gt=0)
+    max_hvps: int = Field(100, gt=0)
+
+
+class PreconditionedSharpnessProbe(_Probe):
+    """λ_max(P⁻¹H) on the measurement set, P the optimizer's current diagonal preconditioner (Adam: √v̂ + ε;
+    SGD: I), against its stability threshold (see :mod:`sgdscope.curvature.preconditioned`)."""
+
+    tol: float = Field(1e-3, gt=0)
+    max_hvps: int = Field(200, gt=0)
+
+
 class ProbesOptions(Strict):
     """Every probe's options; ``None`` disables a probe."""
 
@@ -146,6 +182,9 @@ class ProbesOptions(Strict):
     interpolation: Optional[InterpolationProbe] = None
     alignment: Optional[AlignmentProbe] = None
     slice2d: Optional[Slice2DProbe] = None
+    gradient_noise: Optional[GradientNoiseProbe] = None
+    batch_sharpness: Optional[BatchSharpnessProbe] = None
+    preconditioned_sharpness: Optional[PreconditionedSharpnessProbe] = None
 
 
 def probe_options(probes: Union[None, ProbesOptions, Mapping[str, Any]]) -> ProbesOptions:

@@ -5,6 +5,9 @@
         with scope.step(optimizer):
             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
 
+The optimizer passed to ``step`` reaches the probes as ``StepInfo.optimizer`` (read only: the
+preconditioned-sharpness probe reads Adam's second moments from it); ``end_epoch`` hands on the last one.
+
 Step numbering: step 0 is measured when the first ``step`` block is entered (θ_0, before any update),
 step t after t updates. Around block t the Scope reads θ_t (when a probe needs it) and the learning rate
 ``optimizer.param_groups[0]["lr"]`` on entry, and on exit the gradient the user's backward left in
@@ -153,12 +156,14 @@ class Scope:
         self.t = 0  # updates done so far
         self._epochs_done, self._last_epoch_end, self._last_lr = 0, -1, math.nan
         self._started, self._resume, self._closed = False, resume, False
+        self._optimizer: Optional[torch.optim.Optimizer] = None  # the last one passed to step()
 
     # -------------------------------------------------------------------------------------- set-up
     def _tracker_k(self) -> int:
         o = self.options
         ks = [o.eigen.k if o.eigen else 1]
         ks += [max(p.eigen_indices) for p in (o.direction, o.alpha_step) if p is not None]
+        ks += [o.gradient_noise.k] if o.gradient_noise is not None else []
         return max(ks + [p.tracker_k() for p in self.probes])
 
     def _tracker(self, k: int) -> EigenTracker:
@@ -219,7 +224,7 @@ class Scope:
         if self._resume:  # resuming without a restored state: start over
             self._truncate(-1)
         self._started = True
-        info = StepInfo(step=0, epoch=0, epoch_end=False, lr=lr)
+        info = StepInfo(step=0, epoch=0, epoch_end=False, lr=lr, optimizer=self._optimizer)
         self._commit(self._run([p for p in self.probes if p.due(0, False)], info, {}))
 
     def _truncate(self, step: int) -> None:
@@ -233,6 +238,7 @@ class Scope:
         """Measure around one update; see the module docstring for what is read when."""
         self._check_open()
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else math.nan
+        self._optimizer = optimizer  # read (never written) by probes such as preconditioned_sharpness
         if not self._started:
             self._start(lr)
         t = self.t
@@ -245,7 +251,7 @@ class Scope:
         self.t = t + 1
         epoch_end = bool(self.steps_per_epoch and self.t % self.steps_per_epoch == 0) or rec.epoch_end
         info = StepInfo(step=self.t, epoch=epoch, epoch_end=epoch_end, lr=lr, theta_prev=theta_prev,
-                        grad=grad_flat(self.model), skipped=rec.skipped)
+                        grad=grad_flat(self.model), skipped=rec.skipped, optimizer=optimizer)
         rows: Rows = {"train": [{"step": self.t, "epoch": epoch, "lr": lr, **rec.train_cols}]}
         if epoch_end:
             rows["epoch"] = [{"epoch": epoch, "step": self.t, **rec.epoch_cols}]
@@ -269,7 +275,7 @@ class Scope:
                                  "rec.record_epoch(...) inside the step block")
             return
         epoch = self._epochs_done + 1
-        info = StepInfo(step=self.t, epoch=epoch, epoch_end=True, lr=self._last_lr)
+        info = StepInfo(step=self.t, epoch=epoch, epoch_end=True, lr=self._last_lr, optimizer=self._optimizer)
         rows: Rows = {"epoch": [{"epoch": epoch, "step": self.t, **cols}]}
         # only the probes due because of the epoch end: the step's own schedule ran on exit of its block
         self._run([p for p in self.probes if p.due(self.t, True) and not p.due(self.t, False)], info, rows)

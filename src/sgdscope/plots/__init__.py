@@ -15,7 +15,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import matplotlib
 
 from sgdscope.errors import ConfigError, RunStoreError
-from sgdscope.plots import curves, operators, sharpest, slices, walk
+from sgdscope.plots import curves, noise, operators, sharpest, slices, walk
 from sgdscope.plots._common import STYLE, lacks, source
 from sgdscope.plots import sweep as sweep_figs
 from sgdscope.store import RunStore
@@ -70,6 +70,23 @@ FIGURES: dict[str, Figure] = {
                       "Filled contours of the 2-D loss slice around θ_t (along e₁, e₂ or filter-normalised random "
                       "directions, Li et al. 2018) with the earlier iterates projected onto its plane.",
                       columns={"slice2d": ("step", "a", "b", "loss")}),
+    "gradient_noise": Figure(noise.gradient_noise, ("gradient_noise", "gradient_noise_step"),
+                             "Gradient noise against curvature: σᵢ² = Var⟨g, eᵢ⟩ against λᵢ, σᵢ²/λᵢ over training, "
+                             "overlap of the top noise directions with the top-K Hessian subspace (against chance) "
+                             "and tr(C)/tr(H) (Xing App. D's future work).",
+                             columns={"gradient_noise": ("step", "eigen_index", "eigenvalue", "variance", "ratio"),
+                                      "gradient_noise_step": ("step",)}),
+    "batch_sharpness": Figure(noise.batch_sharpness, ("batch_sharpness",),
+                              "η·λ_max of the minibatch Hessian averaged over batches (min–max band), η·λ₁ and "
+                              "SGD's stability limit 2 + 2β.",
+                              columns={"batch_sharpness": ("step", "lr", "batch_sharpness", "batch_sharpness_min",
+                                                           "batch_sharpness_max", "lr_batch_sharpness",
+                                                           "lr_lambda_max", "threshold")}),
+    "preconditioned_sharpness": Figure(noise.preconditioned_sharpness, ("preconditioned_sharpness",),
+                                       "λ_max(P⁻¹H) with P the optimizer's preconditioner (Adam: √v̂ + ε) and λ₁(H) "
+                                       "against the threshold (2+2β₁)/((1−β₁)η) = 38/η (Cohen et al. 2022).",
+                                       columns={"preconditioned_sharpness": ("step", "preconditioned_sharpness",
+                                                                             "lambda_max", "threshold", "ratio")}),
     # a sweep
     "sweep_curves": Figure(curves.sweep_curves, ("epoch",),
                            "Training loss, validation accuracy and distance from init of every run.", _ALWAYS),

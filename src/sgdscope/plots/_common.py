@@ -123,6 +123,8 @@ SOURCES = {
     "k_min": "probe 'direction'", "alpha_step": "probe 'alpha_step'", "alignment": "probe 'alignment'",
     "interpolation": "probe 'interpolation'", "valley": "probe 'interpolation'",
     "slice2d": "probe 'slice2d'", "slice2d_path": "probe 'slice2d'",
+    "gradient_noise": "probe 'gradient_noise'", "gradient_noise_step": "probe 'gradient_noise'",
+    "batch_sharpness": "probe 'batch_sharpness'", "preconditioned_sharpness": "probe 'preconditioned_sharpness'",
 }
 # Columns written by a probe other than the one that writes the rest of their table.
 COLUMN_SOURCES = {

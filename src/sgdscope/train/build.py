@@ -45,8 +45,12 @@ class BatchStream:
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Plain SGD (momentum optional; L2 is an explicit loss term) or Nudged-SGD."""
+    """Plain SGD (momentum optional), Nudged-SGD, or Adam (``betas``, ``eps``); for all of them L2 is the
+    explicit loss term ``optimizer.weight_decay``·Σw², so Adam's own weight_decay is 0 (L2-regularised Adam,
+    not AdamW: see config.OptimizerConfig)."""
     o = cfg.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=0.0)
     if o.name == "nsgd":
         from sgdscope.optim import NudgedSGD
 

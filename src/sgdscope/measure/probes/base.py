@@ -28,6 +28,9 @@ class StepInfo:
     theta_prev: Optional[Tensor] = None  # flat θ before the last update, when a probe asked for it
     grad: Optional[Tensor] = None  # flat gradient the last update used (what the backward left in .grad)
     skipped: bool = False  # the update was skipped (on_nan: skip): θ unchanged
+    # the optimizer passed to ``Scope.step`` (None when none was): for probes that read its state, such as
+    # Adam's preconditioner; probes only read it, never step it or write its state
+    optimizer: Optional[Any] = None
 
 
 class Probe:
