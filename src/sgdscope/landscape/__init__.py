@@ -8,10 +8,11 @@ from sgdscope.landscape.directions import (
     typical_step,
 )
 from sgdscope.landscape.interpolate import interpolate, loss_along, loss_at_points
-from sgdscope.landscape.valley import BARRIER_REL_TOL, ValleyProfile, valley_profile
+from sgdscope.landscape.valley import BARRIER_REL_TOL, STEP_CLASSES, ValleyProfile, step_class, valley_profile
 
 __all__ = [
     "BARRIER_REL_TOL",
+    "STEP_CLASSES",
     "ValleyProfile",
     "alpha_step_changes",
     "interpolate",
@@ -20,6 +21,7 @@ __all__ = [
     "loss_at_points",
     "minibatch_grads",
     "random_direction",
+    "step_class",
     "typical_step",
     "valley_profile",
 ]

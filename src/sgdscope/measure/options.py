@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sgdscope.errors import ConfigError, format_validation_error
 
@@ -96,6 +96,10 @@ class InterpolationProbe(_Probe):
     alphas: Union[int, list[float]] = 10
     subset: Literal["full", "measure"] = "full"
     height: Literal["start", "end", "mean"] = "start"
+    # λ₁ beside each step class: "last" = the last value the shared eigen tracker solved (no extra solve;
+    # NaN without an eigen-reading probe), "solve" = a tracked solve at every interpolated segment's end
+    lambda1: Literal["last", "solve"] = "last"
+    class_rel_tol: float = Field(1e-6, ge=0)  # step classes: rises and falls below this share of the loss are none
 
     @field_validator("alphas")
     @classmethod
@@ -107,6 +111,16 @@ class InterpolationProbe(_Probe):
         if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:])) or v[0] != 0 or v[-1] != 1:
             raise ValueError("must be a sorted list of at least 2 distinct values from 0 to 1 (the two iterates)")
         return v
+
+
+class RotationProbe(_Probe):
+    """Principal angles between the tracked top-K subspace and the previous / the reference measurement's.
+
+    ``k`` defaults to the eigen probe's k (5 without it); ``reference_step`` 0 compares with the first
+    measurement, s > 0 with the first measurement at a step ≥ s."""
+
+    k: Optional[int] = Field(None, gt=0, le=100)
+    reference_step: int = Field(0, ge=0)
 
 
 class AlignmentProbe(_Probe):
@@ -124,6 +138,14 @@ class ProbesOptions(Strict):
     alpha_step: Optional[AlphaStepProbe] = None
     interpolation: Optional[InterpolationProbe] = None
     alignment: Optional[AlignmentProbe] = None
+    rotation: Optional[RotationProbe] = None
+
+    @model_validator(mode="after")
+    def _rotation_k(self) -> "ProbesOptions":
+        # resolved here, so the run config records the K actually measured
+        if self.rotation is not None and self.rotation.k is None:
+            self.rotation.k = self.eigen.k if self.eigen is not None else 5
+        return self
 
 
 def probe_options(probes: Union[None, ProbesOptions, Mapping[str, Any]]) -> ProbesOptions:

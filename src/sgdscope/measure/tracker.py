@@ -59,6 +59,11 @@ class EigenTracker:
         self._cache = (step, res)
         return res
 
+    @property
+    def last(self) -> Optional[tuple[int, EigenResult]]:
+        """``(step, result)`` of the last solve, or None before any (and right after a restore)."""
+        return self._cache
+
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": self.vectors, "k": self.k}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sgdscope.measure.probes.base import Probe, StepInfo
 from sgdscope.measure.probes.eigen import EigenProbe
+from sgdscope.measure.probes.rotation import RotationProbe
 from sgdscope.measure.probes.sharpest import AlignmentProbe, AlphaStepProbe, DirectionProbe
 from sgdscope.measure.probes.stats import DistanceProbe, GradientProbe, WeightsProbe, weight_spectral_norm_mean
 from sgdscope.measure.probes.walk import InterpolationProbe
@@ -11,9 +12,9 @@ from sgdscope.measure.probes.walk import InterpolationProbe
 PROBES: dict[str, type[Probe]] = {
     cls.name: cls
     for cls in (GradientProbe, DistanceProbe, WeightsProbe, EigenProbe, DirectionProbe, AlphaStepProbe,
-                AlignmentProbe, InterpolationProbe)
+                AlignmentProbe, InterpolationProbe, RotationProbe)
 }
 # probes that read the shared eigen tracker
-EIGEN_CONSUMERS = ("eigen", "direction", "alpha_step", "alignment")
+EIGEN_CONSUMERS = ("eigen", "direction", "alpha_step", "alignment", "rotation")
 
 __all__ = ["PROBES", "EIGEN_CONSUMERS", "Probe", "StepInfo", "weight_spectral_norm_mean"]
