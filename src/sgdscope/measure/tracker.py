@@ -30,6 +30,7 @@ class EigenTracker:
         self.env, self.k, self.which, self.tol, self.max_hvps, self.n_params = env, k, which, tol, max_hvps, n
         self.vectors = None
         self._cache: Optional[tuple[int, EigenResult]] = None
+        self._restored_last: Optional[tuple[int, Any]] = None  # `last` after a restore, until the next solve
 
     def operator(self, step: int = 0) -> HessianOperator:
         """H of the mean measured loss at the model's current parameters, dropout masks fixed per step."""
@@ -60,15 +61,19 @@ class EigenTracker:
         return res
 
     @property
-    def last(self) -> Optional[tuple[int, EigenResult]]:
-        """``(step, result)`` of the last solve, or None before any (and right after a restore)."""
-        return self._cache
+    def last(self) -> Optional[tuple[int, Any]]:
+        """``(step, eigenvalues)`` of the last solve (kept across a state_dict round trip), or None before any."""
+        if self._cache is not None:
+            return self._cache[0], self._cache[1].values
+        return self._restored_last
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vectors": self.vectors, "k": self.k}
+        return {"vectors": self.vectors, "k": self.k, "last": self.last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         v = state.get("vectors")
         self.vectors = v.to(self.env.device) if v is not None else None
         self.k = max(self.k, int(state.get("k", self.k)))
         self._cache = None
+        last = state.get("last")
+        self._restored_last = (int(last[0]), last[1]) if last is not None else None

@@ -122,6 +122,7 @@ SOURCES = {
     "eigen": "probe 'eigen'", "curvature": "probe 'eigen'", "direction": "probe 'direction'",
     "k_min": "probe 'direction'", "alpha_step": "probe 'alpha_step'", "alignment": "probe 'alignment'",
     "interpolation": "probe 'interpolation'", "valley": "probe 'interpolation'",
+    "step_classes": "probe 'interpolation'", "rotation": "probe 'rotation'",
 }
 # Columns written by a probe other than the one that writes the rest of their table.
 COLUMN_SOURCES = {

@@ -17,7 +17,7 @@ from typing import Callable
 Row = tuple[str, str, float, str]
 
 # module names under sgdscope.summaries, in report order
-SECTIONS: tuple[str, ...] = ()
+SECTIONS: tuple[str, ...] = ("rotation", "step_classes")
 
 
 def extra_rows(store) -> list[Row]:

@@ -118,7 +118,7 @@ class InterpolationProbe(Probe):
         if self.opts.lambda1 == "solve":
             return float(tracker.get(step).values[0]), step
         last = tracker.last
-        return (float(last[1].values[0]), last[0]) if last is not None else (math.nan, -1)
+        return (float(last[1][0]), last[0]) if last is not None else (math.nan, -1)
 
     # ---------------------------------------------------------------------------------- rows
     def _segment(self, info: StepInfo) -> Rows:
