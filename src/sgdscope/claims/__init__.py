@@ -35,6 +35,7 @@ from sgdscope.claims.xing import (
     valley_height_vs_lr,
     walk_gd_vs_sgd,
 )
+from sgdscope.claims.walk_geometry import walk_geometry
 from sgdscope.errors import ConfigError
 from sgdscope.tables import Runs
 
@@ -53,6 +54,7 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "cosine-vs-batch-and-lr": cosine_vs_batch_and_lr,
     "isotropic-noise": isotropic_noise,
     "lr-schedules": lr_schedules,
+    "walk-geometry": walk_geometry,
 }
 
 
