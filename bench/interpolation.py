@@ -12,7 +12,7 @@ At every step, right after the probe has measured, the same number of bare passe
 θ_{t+1} in the same train/eval mode) is timed, so machine load hits both alike. A forward hook counts the
 probe's forward passes to check the 10 per step. Writes bench/results/interpolation.json.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/interpolation.py [--epochs 3]
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/interpolation.py [--epochs 2]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 from sgdscope.losses import cross_entropy, split_batches
 from sgdscope.measure.scope import Scope
 
-BATCH, LR, MEASURE_BATCH, ALPHAS = 128, 0.05, 1000, 10
+BATCH, LR, MEASURE_BATCH, ALPHAS, REPEATS = 128, 0.05, 1000, 10, 5
 TARGET = 1.15
 
 
@@ -65,21 +65,30 @@ def bench_model(batchnorm: bool, epochs: int) -> dict:
     orig = probe.measure
 
     def timed(info):
-        before_pts, before_fwd = probe.points_evaluated, passes["n"]
-        t0 = time.perf_counter()
-        out = orig(info)
-        probe_s.append(time.perf_counter() - t0)
-        n = probe.points_evaluated - before_pts
-        points.append(n)
-        fwd.append((passes["n"] - before_fwd) / len(full))
+        # Each step's measurement is repeated REPEATS times from the same probe state, interleaved with the
+        # bare passes, and the minimum of each is kept: other jobs on a shared machine only ever add time.
+        snapshot = (probe._end, dict(probe._counts), probe.points_evaluated)
         bare_model.load_state_dict(model.state_dict())  # θ_{t+1}, outside the timing
         bare_model.train(model.training)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for _ in range(n):
-                for bx, by in full:
-                    cross_entropy(bare_model(bx), by)
-        bare_s.append(time.perf_counter() - t0)
+        best_probe = best_bare = float("inf")
+        for _ in range(REPEATS):
+            probe._end, probe._counts, probe.points_evaluated = snapshot[0], dict(snapshot[1]), snapshot[2]
+            before_fwd = passes["n"]
+            t0 = time.perf_counter()
+            out = orig(info)
+            best_probe = min(best_probe, time.perf_counter() - t0)
+            n = probe.points_evaluated - snapshot[2]
+            n_fwd = (passes["n"] - before_fwd) / len(full)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(n):
+                    for bx, by in full:
+                        cross_entropy(bare_model(bx), by)
+            best_bare = min(best_bare, time.perf_counter() - t0)
+        probe_s.append(best_probe)
+        bare_s.append(best_bare)
+        points.append(n)
+        fwd.append(n_fwd)
         return out
 
     probe.measure = timed
@@ -111,7 +120,7 @@ def bench_model(batchnorm: bool, epochs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = {}
@@ -129,7 +138,8 @@ def main() -> None:
             "measurement_set_size": 1437, "measure_batch": MEASURE_BATCH,
             "model": "MLP 64-100-100-10", "batch_size": BATCH, "alphas": ALPHAS + 1, "epochs": args.epochs,
             "bn_policy": "train-restore", "torch_threads": torch.get_num_threads(),
-            "statistic": "median over steps of the per-step ratio (and the ratio of totals)",
+            "statistic": f"per step the minimum of {REPEATS} interleaved repeats; the median over steps of the "
+                         "per-step ratio (and the ratio of the totals)",
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         },
         "target_ratio": TARGET,

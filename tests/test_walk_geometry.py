@@ -141,7 +141,7 @@ def test_rotation_probe_against_dense_hessians():
 
 
 def test_rotation_resume_and_reference_step():
-    probes = {**ROT, "rotation": {"every": 1, "reference_step": 2}}
+    probes = {"eigen": {"every": 1, "k": 3, "tol": 1e-3}, "rotation": {"every": 1, "reference_step": 2}}
     model, x, y = _tanh_net()
     whole, _ = _run(model, x, y, probes, 4)
     model, x, y = _tanh_net()

@@ -38,7 +38,7 @@ def rotation(store: RunStore, out_dir: Path) -> list[Path]:
         ax_ov.plot(first["step"], first["overlap_prev"], color=color(0), lw=1.3, label="with the previous")
         ax_ov.plot(first["step"], first["overlap_ref"], color=color(2), lw=1.3, label="with the reference")
         ax_ov.set_ylim(0, 1.02)
-        ax_ov.legend(loc="lower left", fontsize=7.5)
+        ax_ov.legend(loc="center right", fontsize=7.5)
     else:
         no_data(ax_ov, missing_column("rotation", "overlap_prev").replace("\n", " "))
     ax_ov.set_title("subspace overlap ‖V_prevᵀV‖²_F / K")
@@ -69,7 +69,7 @@ def step_classes(store: RunStore, out_dir: Path) -> list[Path]:
     ax_n.set_xlabel("epoch")
     ax_n.set_ylabel("share of measured steps")
     ax_n.set_ylim(0, 1)
-    ax_n.legend(loc="upper right", fontsize=7.5)
+    ax_n.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7.5)  # beside the bars, never on them
     drawn = False
     for cls in ("descend", "cross", "climb"):
         col = f"eta_lambda1_{cls}"
