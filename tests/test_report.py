@@ -39,9 +39,10 @@ def test_run_report_contents(tmp_path):
     assert_self_contained(page)
     assert "<code>train-restore</code>: batch statistics" in page
     assert "<b>160</b> training examples (50% of 320)" in page
-    assert page.count("data:image/png;base64,") == 9  # 7 run figures, walk and bowl twice
+    assert page.count("data:image/png;base64,") == 11  # 9 run figures, walk and bowl twice
     for quantity in ("peak λ₁ (5-point smoothed)", "k_min along e1, 1% rise", "α = 4 along e1: loss change",
-                     "barriers crossed"):
+                     "barriers crossed", "share of steps that cross the floor",
+                     "median largest angle θ3 to the previous measurement (°)"):
         assert quantity in page
     assert f"barriers {len(BARRIER_STEPS)}/10" in page
     assert "optimizer:\n  name: sgd" in page  # the config, as YAML

@@ -36,7 +36,8 @@ def rotation(store: RunStore, out_dir: Path) -> list[Path]:
     first = rot.drop_duplicates("step")
     if has(first, "overlap_prev"):
         ax_ov.plot(first["step"], first["overlap_prev"], color=color(0), lw=1.3, label="with the previous")
-        ax_ov.plot(first["step"], first["overlap_ref"], color=color(2), lw=1.3, label="with the reference")
+        if "overlap_ref" in first:
+            ax_ov.plot(first["step"], first["overlap_ref"], color=color(2), lw=1.3, label="with the reference")
         ax_ov.set_ylim(0, 1.02)
         ax_ov.legend(loc="center right", fontsize=7.5)
     else:
