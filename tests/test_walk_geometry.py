@@ -284,3 +284,21 @@ def test_interpolation_probe_leaves_training_bit_identical(make_case):
                 opt.step()
         ends.append(get_flat(case.model))
     assert torch.equal(*ends)
+
+
+def test_lambda1_solve_without_an_eigen_probe():
+    """``lambda1: solve`` makes the Scope track λ₁ at every segment's end on its own (here λ = 2 exactly)."""
+    model = nn.Linear(1, 1, bias=False).to(F64)
+    x, y = torch.ones(4, 1, dtype=F64), torch.zeros(4, 1, dtype=F64)
+    scope = Scope(model, _mse, (x, y), probes={"interpolation": {"every": 1, "epochs": None, "lambda1": "solve"}},
+                  seed=0, steps_per_epoch=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.6)  # η·λ = 1.2: every step crosses the floor
+    for _ in range(2):
+        with scope.step(opt):
+            opt.zero_grad()
+            _mse(model(x), y).backward()
+            opt.step()
+    va = scope.table("valley")
+    assert va["lambda1_step"].tolist() == [1, 2] and va["step_class"].tolist() == ["cross", "cross"]
+    np.testing.assert_allclose(va["eta_lambda1"], 1.2, rtol=1e-6)
+    assert scope.table("step_classes").iloc[0]["lambda1_source"] == "solve"
