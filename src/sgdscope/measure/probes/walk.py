@@ -160,7 +160,9 @@ class InterpolationProbe(Probe):
 
     def measure(self, info: StepInfo) -> Rows:
         rows: Rows = {}
-        if info.theta_prev is not None and self.wants_segment(info.step - 1, info.epoch):
+        # A call with θ_t measures its segment, except at an epoch end that the segment schedule skips: the
+        # Scope then calls only to write the epoch's class counts (and hands θ_t to every due probe).
+        if info.theta_prev is not None and (self.wants_segment(info.step - 1, info.epoch) or not info.epoch_end):
             rows = self._segment(info)
         if info.epoch_end and self._counts["n_steps"] > 0:
             rows["step_classes"] = [self._epoch_row(info.epoch, info.step)]
