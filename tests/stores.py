@@ -105,7 +105,16 @@ def synthetic_run(path: Path, *, lr: float = 0.1, epochs: int = 6, seed: int = 0
                            "barrier": int(t in BARRIER_STEPS), "barrier_height": 0.9 if t in BARRIER_STEPS else 0.0,
                            "left_loss": losses[0], "right_loss": losses[-1], "argmin_alpha": ALPHAS[losses.index(floor)],
                            "interior_min": 1, "logged_at": t + 1})
-    s.append_many({"interpolation": interp, "valley": valley})
+    # issue 13: step classes of the interpolated epochs, and the top-3 subspace turning by a known angle
+    classes = [{"epoch": ep, "step": ep * SPE, "n_steps": SPE, "n_descend": 2, "n_cross": SPE - 3, "n_climb": 1,
+                "n_flat": 0, "n_undefined": 0, "eta_lambda1_descend": 0.5, "eta_lambda1_cross": 1.5,
+                "eta_lambda1_climb": 2.2, "eta_lambda1_mean": 1.4, "lambda1_source": "last", "logged_at": ep * SPE}
+               for ep in (1, epochs)]
+    rotation = [{"step": e * SPE, "epoch": e, "index": i, "angle_prev_deg": math.nan if e == 0 else 10.0 * i / (1 + e),
+                 "angle_ref_deg": 5.0 * i * e, "overlap_prev": math.nan if e == 0 else 0.9, "overlap_ref": 1 - 0.1 * e,
+                 "prev_step": (e - 1) * SPE if e else -1, "ref_step": 0, "k": 3, "logged_at": e * SPE}
+                for e in range(epochs + 1) for i in (1, 2, 3)]
+    s.append_many({"interpolation": interp, "valley": valley, "step_classes": classes, "rotation": rotation})
     grid = [-1.0, -0.5, 0.0, 0.5, 1.0]  # slice2d: a bowl 0.5 + a² + 2b² around each measured iterate
     slices, path = [], []
     for e in range(1, epochs + 1):

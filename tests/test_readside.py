@@ -156,6 +156,12 @@ SUBSETS = {
                            {"k_min"}, {"k_min": ["k_min.k_min is NaN at every logged step"]}),
     "slice2d-without-path": ({"slice2d": [{"step": s, "a": a, "b": b, "loss": 1 + a * a + b * b}
                                           for s in (0, 5) for a in (-1, 0, 1) for b in (-1, 0, 1)]}, {"slice2d"}, {}),
+    "rotation-without-overlaps": ({"rotation": [{"step": s, "index": i, "angle_prev_deg": 3.0 * i, "angle_ref_deg": 5.0 * i}
+                                                 for s in (0, 5, 10) for i in (1, 2)]},
+                                  {"rotation"}, {"rotation": ["no rotation.overlap_prev rows"]}),
+    "step-classes-without-lambda1": ({"step_classes": [{"epoch": e, "n_steps": 10, "n_descend": 2, "n_cross": 7,
+                                                        "n_climb": 1} for e in (1, 2)]},
+                                     {"step_classes"}, {"step_classes": ["no λ₁ beside the steps"]}),
     "eigen-without-index": ({"eigen": [{"step": 0, "value": 1.0}]}, set(), {}),
     "train-without-step": ({"train": [{"batch_loss": 1.0}]}, set(), {}),
     "nothing": ({}, set(), {}),

@@ -284,6 +284,29 @@ def _per_run_values(experiment: str, path) -> list[tuple[list[float], bool]]:
         return [([lr, (ps["preconditioned_sharpness"] / ps["threshold"]).mean(), float(ps["ratio"].max()),
                   (bs["batch_sharpness"] / bs["threshold"]).mean(), (bs["lambda_max"] / bs["threshold"]).mean()],
                  False)]
+    if experiment == "walk-geometry":
+        # rotation: medians over the measurements after epoch 2 of θ1 and θK (NaN in the 2-epoch CI run);
+        # classes: recomputed from the raw interpolated losses by the definitions of step_class, not read
+        # from the probe's step_class column
+        rot = s.table("rotation")
+        k = int(rot["index"].max())
+        late = rot[(rot["epoch"] > 2) & rot["angle_prev_deg"].notna()]
+        rows = [([late[late["index"] == 1]["angle_prev_deg"].median(), late[late["index"] == k]["angle_prev_deg"].median()],
+                 True)]
+        interp = s.table("interpolation")
+        classes = {}
+        for step, g in interp.groupby("step"):
+            g = g.sort_values("alpha")
+            l0, l1, floor = g["loss"].iloc[0], g["loss"].iloc[-1], g["loss"].min()
+            tol = 1e-6 * max(abs(l0), abs(l1))
+            classes[step] = ("climb" if l1 > l0 + tol else "cross" if floor < min(l0, l1) - tol
+                             else "descend" if l1 < l0 - tol else "flat")
+        cls = va["step"].map(classes)
+        first = va["epoch"] == va["epoch"].min()
+        per_epoch = pd.crosstab(va["epoch"], cls)
+        excess = (per_epoch.get("climb", 0) - per_epoch.get("cross", 0))
+        rows.append(([float((cls[first] == "cross").mean()), float(np.max(excess))], False))
+        return rows
     raise AssertionError(f"no recomputation for {experiment}")
 
 

@@ -39,10 +39,11 @@ def test_run_report_contents(tmp_path):
     assert_self_contained(page)
     assert "<code>train-restore</code>: batch statistics" in page
     assert "<b>160</b> training examples (50% of 320)" in page
-    assert page.count("data:image/png;base64,") == 13  # 11 run figures, walk and bowl twice
+    assert page.count("data:image/png;base64,") == 15  # 13 run figures, walk and bowl twice
     for quantity in ("peak λ₁ (5-point smoothed)", "k_min along e1, 1% rise", "α = 4 along e1: loss change",
                      "barriers crossed", "σᵢ²/λᵢ spread (max/min over i, median)",
-                     "batch sharpness / SGD threshold (late mean)", "λ_max(P⁻¹H) / threshold (late mean)"):
+                     "batch sharpness / SGD threshold (late mean)", "λ_max(P⁻¹H) / threshold (late mean)",
+                     "share of steps that cross the floor", "median largest angle θ3 to the previous measurement (°)"):
         assert quantity in page
     assert f"barriers {len(BARRIER_STEPS)}/10" in page
     assert "optimizer:\n  name: sgd" in page  # the config, as YAML

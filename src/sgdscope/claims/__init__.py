@@ -37,6 +37,7 @@ from sgdscope.claims.xing import (
     valley_height_vs_lr,
     walk_gd_vs_sgd,
 )
+from sgdscope.claims.walk_geometry import walk_geometry
 from sgdscope.errors import ConfigError
 from sgdscope.tables import Runs
 
@@ -60,6 +61,7 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "gradient-noise": gradient_noise_claim,
     "adaptive-sharpness": adaptive_sharpness,
     "batch-sharpness": batch_sharpness_claim,
+    "walk-geometry": walk_geometry,
 }
 
 

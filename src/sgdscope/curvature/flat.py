@@ -65,9 +65,12 @@ def get_flat(model: nn.Module, param_filter: ParamFilter = None) -> Tensor:
 
 
 @torch.no_grad()
-def set_flat(model: nn.Module, vec: Tensor, param_filter: ParamFilter = None) -> None:
-    """Write the flat vector ``vec`` into the model's parameters, in place."""
-    params = [p for _, p in named_trainable(model, param_filter)]
+def set_flat(model: nn.Module, vec: Tensor, param_filter: ParamFilter = None,
+             params: Sequence[Tensor] | None = None) -> None:
+    """Write the flat vector ``vec`` into the model's parameters, in place. ``params``: the trainable
+    parameters already looked up (``named_trainable`` order), for a caller that writes many points."""
+    if params is None:
+        params = [p for _, p in named_trainable(model, param_filter)]
     for p, v in zip(params, unflatten(vec, params)):
         p.copy_(v)
 

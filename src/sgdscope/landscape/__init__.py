@@ -10,10 +10,11 @@ from sgdscope.landscape.directions import (
 )
 from sgdscope.landscape.interpolate import interpolate, loss_along, loss_at_points
 from sgdscope.landscape.slices import filter_normalized_direction, loss_slice, plane_coordinates, slice_axis
-from sgdscope.landscape.valley import BARRIER_REL_TOL, ValleyProfile, valley_profile
+from sgdscope.landscape.valley import BARRIER_REL_TOL, STEP_CLASSES, ValleyProfile, step_class, valley_profile
 
 __all__ = [
     "BARRIER_REL_TOL",
+    "STEP_CLASSES",
     "ValleyProfile",
     "alpha_step_changes",
     "filter_normalized_direction",
@@ -27,6 +28,7 @@ __all__ = [
     "minibatch_indices",
     "random_direction",
     "slice_axis",
+    "step_class",
     "typical_step",
     "valley_profile",
 ]

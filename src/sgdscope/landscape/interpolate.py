@@ -72,10 +72,11 @@ def _losses_loop(
     model: nn.Module, points: Tensor, batches: list[Weighted], total: int, loss_fn: LossFn, mask_seed: int | None
 ) -> Tensor:
     saved = get_flat(model)
+    params = [p for _, p in named_trainable(model)]  # looked up once, not per point
     try:
         out = []
         for theta in points:
-            set_flat(model, theta)
+            set_flat(model, theta, params=params)
             loss = _weighted_mean(batches, total, mask_seed, points.device, lambda w: loss_fn(forward(model, w.x), w.y))
             out.append(loss)
         return torch.stack(out)

@@ -8,6 +8,10 @@ Given the interpolated losses L(α) = L((1−α)θ_t + αθ_{t+1}) on a grid tha
   footnote 1) by more than a stated tolerance, by default a relative 1e-6 of the higher end (so float
   round-off of a flat curve cannot make a barrier); its height is max_interior L − max(L(0), L(1)).
 
+Each step is also given a class, from the quadratic picture Xing et al. (2018, sec. 6, after LeCun et al.
+1998) use to read their plots (see :func:`step_class`): it *descends* toward the valley floor without
+passing it, *crosses* the floor (an interior minimum) or *climbs* a wall (it ends higher than it started).
+
 NaN losses (a diverged evaluation) are treated as missing points: they are skipped for the floor and for
 the barrier. A NaN end point makes the height (and the barrier height) NaN, and no barrier is reported,
 because "higher than both end points" is undefined. +inf is an ordinary, very high loss.
@@ -108,3 +112,42 @@ def valley_profile(
         left_loss=left,
         right_loss=right,
     )
+
+
+STEP_CLASSES = ("descend", "cross", "climb", "flat")
+# the class of a segment with a NaN end point: none of the above is defined
+UNDEFINED = "undefined"
+
+
+def step_class(profile: ValleyProfile, rel_tol: float = BARRIER_REL_TOL, abs_tol: float = 0.0) -> tuple[str, float]:
+    """The class of one interpolated step and the absolute tolerance τ it was decided with.
+
+    With L0 = L(θ_t), L1 = L(θ_{t+1}), y = min_α L(α) (the floor) and τ = max(abs_tol, rel_tol·max(|L0|, |L1|)):
+
+    * ``"climb"``: L1 > L0 + τ — the step ends higher than it started: it overshoots the floor and lands
+      higher on the far wall (η·λ > 2 along a direction of a quadratic), or walks uphill;
+    * ``"cross"``: not a climb, and y < min(L0, L1) − τ — an interior minimum: the step passes the valley
+      floor and ends on the other wall no higher than it started (1 < η·λ < 2: under-damped);
+    * ``"descend"``: neither, and L1 < L0 − τ — the loss falls to the end without passing a floor
+      (η·λ < 1: over-damped);
+    * ``"flat"``: none of these by more than τ (a step too small to tell);
+    * ``"undefined"`` when L0 or L1 is NaN.
+
+    On the pure quadratic L(x) = ½λx² with the step x → (1 − ηλ)x the classes are exactly those η·λ
+    ranges (with L1 = (1 − ηλ)²L0). The α grid resolves a floor only where a grid point falls below both
+    ends: a floor within the last grid interval before α = 1 reads as a descent.
+
+    >>> step_class(valley_profile([1.0, 0.3, 0.5], [0, 0.5, 1]))[0], step_class(valley_profile([1.0, 0.6, 0.4], [0, 0.5, 1]))[0]
+    ('cross', 'descend')
+    """
+    left, right, floor = profile.left_loss, profile.right_loss, profile.floor
+    if math.isnan(left) or math.isnan(right):
+        return UNDEFINED, math.nan
+    tol = max(abs_tol, rel_tol * max(abs(left), abs(right)))
+    if right > left + tol:
+        return "climb", tol
+    if floor < min(left, right) - tol:
+        return "cross", tol
+    if right < left - tol:
+        return "descend", tol
+    return "flat", tol

@@ -105,6 +105,10 @@ class InterpolationProbe(_Probe):
     alphas: Union[int, list[float]] = 10
     subset: Literal["full", "measure"] = "full"
     height: Literal["start", "end", "mean"] = "start"
+    # λ₁ beside each step class: "last" = the last value the shared eigen tracker solved (no extra solve;
+    # NaN without an eigen-reading probe), "solve" = a tracked solve at every interpolated segment's end
+    lambda1: Literal["last", "solve"] = "last"
+    class_rel_tol: float = Field(1e-6, ge=0)  # step classes: rises and falls below this share of the loss are none
 
     @field_validator("alphas")
     @classmethod
@@ -128,6 +132,14 @@ class Slice2DProbe(_Probe):
     subset: Literal["measure", "full"] = "measure"
     method: Literal["auto", "loop", "vmap"] = "auto"  # loss_at_points' evaluation: vmap batches a grid row
     max_snapshots: int = Field(64, ge=2, le=10_000)  # past iterates kept (on CPU) for the projected path
+class RotationProbe(_Probe):
+    """Principal angles between the tracked top-K subspace and the previous / the reference measurement's.
+
+    ``k`` defaults to the eigen probe's k (5 without it); ``reference_step`` 0 compares with the first
+    measurement, s > 0 with the first measurement at a step ≥ s."""
+
+    k: Optional[int] = Field(None, gt=0, le=100)
+    reference_step: int = Field(0, ge=0)
 
 
 class AlignmentProbe(_Probe):
@@ -185,6 +197,14 @@ class ProbesOptions(Strict):
     gradient_noise: Optional[GradientNoiseProbe] = None
     batch_sharpness: Optional[BatchSharpnessProbe] = None
     preconditioned_sharpness: Optional[PreconditionedSharpnessProbe] = None
+    rotation: Optional[RotationProbe] = None
+
+    @model_validator(mode="after")
+    def _rotation_k(self) -> "ProbesOptions":
+        # resolved here, so the run config records the K actually measured
+        if self.rotation is not None and self.rotation.k is None:
+            self.rotation.k = self.eigen.k if self.eigen is not None else 5
+        return self
 
 
 def probe_options(probes: Union[None, ProbesOptions, Mapping[str, Any]]) -> ProbesOptions:

@@ -148,8 +148,9 @@ class Scope:
         self.probes: list[Probe] = [
             PROBES[name](opts, self.env) for name, opts in self.options if opts is not None
         ]
-        consumers = any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS)
-        if consumers or any(p.tracker_k() for p in self.probes):
+        interp = self.options.interpolation
+        if any(getattr(self.options, n) is not None for n in EIGEN_CONSUMERS) or (
+                interp is not None and interp.lambda1 == "solve") or any(p.tracker_k() for p in self.probes):
             self.env.tracker = self._tracker(self._tracker_k())
         self.sink: RowSink = sink if sink is not None else MemorySink()
         self.sinks: list[RowSink] = [self.sink, *sinks]
@@ -164,6 +165,7 @@ class Scope:
         ks = [o.eigen.k if o.eigen else 1]
         ks += [max(p.eigen_indices) for p in (o.direction, o.alpha_step) if p is not None]
         ks += [o.gradient_noise.k] if o.gradient_noise is not None else []
+        ks += [o.rotation.k] if o.rotation is not None else []
         return max(ks + [p.tracker_k() for p in self.probes])
 
     def _tracker(self, k: int) -> EigenTracker:

@@ -39,6 +39,7 @@ class EigenTracker:
         self.tol_eig, self.curvature = tol_eig, curvature
         self.vectors = None
         self._cache: Optional[tuple[int, EigenResult]] = None
+        self._restored_last: Optional[tuple[int, Any]] = None  # `last` after a restore, until the next solve
 
     def operator(self, step: int = 0) -> HessianOperator:
         """H (or G, or F: ``curvature``) of the mean measured loss at the model's current parameters,
@@ -69,11 +70,20 @@ class EigenTracker:
         self._cache = (step, res)
         return res
 
+    @property
+    def last(self) -> Optional[tuple[int, Any]]:
+        """``(step, eigenvalues)`` of the last solve (kept across a state_dict round trip), or None before any."""
+        if self._cache is not None:
+            return self._cache[0], self._cache[1].values
+        return self._restored_last
+
     def state_dict(self) -> dict[str, Any]:
-        return {"vectors": self.vectors, "k": self.k}
+        return {"vectors": self.vectors, "k": self.k, "last": self.last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         v = state.get("vectors")
         self.vectors = v.to(self.env.device) if v is not None else None
         self.k = max(self.k, int(state.get("k", self.k)))
         self._cache = None
+        last = state.get("last")
+        self._restored_last = (int(last[0]), last[1]) if last is not None else None

@@ -15,7 +15,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import matplotlib
 
 from sgdscope.errors import ConfigError, RunStoreError
-from sgdscope.plots import curves, noise, operators, sharpest, slices, walk
+from sgdscope.plots import curves, geometry, noise, operators, sharpest, slices, walk
 from sgdscope.plots._common import STYLE, lacks, source
 from sgdscope.plots import sweep as sweep_figs
 from sgdscope.store import RunStore
@@ -87,6 +87,14 @@ FIGURES: dict[str, Figure] = {
                                        "against the threshold (2+2β₁)/((1−β₁)η) = 38/η (Cohen et al. 2022).",
                                        columns={"preconditioned_sharpness": ("step", "preconditioned_sharpness",
                                                                              "lambda_max", "threshold", "ratio")}),
+    "rotation": Figure(geometry.rotation, ("rotation",),
+                       "Principal angles between the top-K Hessian subspace and the previous / the reference "
+                       "measurement's, with the subspace overlaps (issue 13).",
+                       columns={"rotation": ("step", "index", "angle_prev_deg", "angle_ref_deg")}),
+    "step_classes": Figure(geometry.step_classes, ("step_classes",),
+                           "Per epoch, the share of interpolated steps that descend, cross the valley floor or "
+                           "climb a wall, and each class's mean η·λ₁ against 1 and 2 (issue 13).",
+                           columns={"step_classes": ("epoch", "n_steps")}),
     # a sweep
     "sweep_curves": Figure(curves.sweep_curves, ("epoch",),
                            "Training loss, validation accuracy and distance from init of every run.", _ALWAYS),

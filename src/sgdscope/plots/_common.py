@@ -125,6 +125,7 @@ SOURCES = {
     "slice2d": "probe 'slice2d'", "slice2d_path": "probe 'slice2d'",
     "gradient_noise": "probe 'gradient_noise'", "gradient_noise_step": "probe 'gradient_noise'",
     "batch_sharpness": "probe 'batch_sharpness'", "preconditioned_sharpness": "probe 'preconditioned_sharpness'",
+    "step_classes": "probe 'interpolation'", "rotation": "probe 'rotation'",
 }
 # Columns written by a probe other than the one that writes the rest of their table.
 COLUMN_SOURCES = {

@@ -17,7 +17,7 @@ from typing import Callable
 Row = tuple[str, str, float, str]
 
 # module names under sgdscope.summaries, in report order
-SECTIONS: tuple[str, ...] = ("gradient_noise", "sharpness", "curvature_ops", "slices")
+SECTIONS: tuple[str, ...] = ("rotation", "step_classes", "gradient_noise", "sharpness", "curvature_ops", "slices")
 
 
 def extra_rows(store) -> list[Row]:
