@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from sgdscope import distributed
 from sgdscope.curvature import EigenResult, HessianOperator, top_eigenpairs
 from sgdscope.measure.env import Env
 
@@ -32,9 +33,10 @@ class EigenTracker:
         self._cache: Optional[tuple[int, EigenResult]] = None
 
     def operator(self, step: int = 0) -> HessianOperator:
-        """H of the mean measured loss at the model's current parameters, dropout masks fixed per step."""
+        """H of the mean measured loss at the model's current parameters, dropout masks fixed per step
+        (sharded over the ranks, one all-reduce per product, when the measurement set is a Shard)."""
         env = self.env
-        return HessianOperator(
+        return distributed.hessian_operator(
             env.model, env.loss_fn, env.measure_batches, bn_policy=env.bn_policy, weight_decay=env.l2,
             include_l2=env.l2 > 0, ignore_index=env.ignore_index, mask_seed=env.mask_seed("hessian", step),
         )
