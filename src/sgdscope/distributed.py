@@ -19,14 +19,16 @@ same generator (the eigensolver, the typical-step and α-step arithmetic) stays 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sgdscope.curvature.flat import flatten, named_trainable
+from sgdscope.errors import PeerFailed
 from sgdscope.losses import Batch, Weighted, take, weigh
 
 TIMEOUT_ENV = "SGDSCOPE_DIST_TIMEOUT"  # seconds a collective waits for a peer before failing
@@ -101,7 +103,20 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout())
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     return True
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank (a no-op on one process)."""
+    if active(group):
+        _dist().barrier(group)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # torchrun stops the survivors of a dead rank with SIGTERM: end as interrupted
 
 
 def shutdown() -> None:
@@ -109,6 +124,90 @@ def shutdown() -> None:
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peer_failures(group: Any = None) -> Iterator[None]:
+    """Turn the error of a collective whose peer is gone (gloo: connection closed, or the timeout) into
+    one-line :class:`PeerFailed`."""
+    multi = active(group)
+    try:
+        yield
+    except RuntimeError as err:
+        if not multi or isinstance(err, PeerFailed):
+            raise
+        dist_err = isinstance(err, getattr(_dist(), "DistError", ())) or "gloo" in str(err).lower()
+        if not dist_err:
+            raise
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise PeerFailed(f"rank {rank(group)}: a peer rank stopped ({first[:160]})") from None
+
+
+class StatusWriter:
+    """Writes the run's status: rank 0 through its store; any other rank only to record a failure that
+    rank 0 could not record itself because it died (its lock is then free: the kernel dropped its flock),
+    and only over a status still ``running``."""
+
+    def __init__(self, store: Any, out: Any) -> None:
+        self.store, self.out = store, out
+
+    def set(self, state: str, **fields: Any) -> None:
+        if self.store is not None:
+            self.store.set_status(state, **fields)
+            return
+        if state not in ("failed", "interrupted"):
+            return
+        from sgdscope.errors import RunStoreError
+        from sgdscope.store import RunStore
+
+        try:
+            store = RunStore(self.out)
+        except RunStoreError:
+            return
+        try:
+            store.acquire_writer()
+            if store.status().get("state") == "running":
+                fields.pop("step", None), fields.pop("epoch", None)  # rank 0's last record of them stands
+                store.set_status(state, **fields)
+        except RunStoreError:
+            pass  # rank 0 lives and records the end itself
+        finally:
+            store.close()
+
+
+# -- data-parallel training ------------------------------------------------------------------------------
+
+
+def part(n: int, group: Any = None) -> slice:
+    """This rank's contiguous part of a global batch of ``n`` examples (``torch.tensor_split`` sizes: the
+    first n mod W ranks take one more; a rank may get none when n < W)."""
+    w, r = world_size(group), rank(group)
+    size, extra = divmod(n, w)
+    start = r * size + min(r, extra)
+    return slice(start, start + size + (r < extra))
+
+
+def sync_grads(params: Sequence[Tensor], group: Any = None) -> None:
+    """Sum ``.grad`` over the ranks in one all-reduce of the flattened gradients (a missing one counts
+    as zeros). Each rank backpropagated its part's loss weighted by n_r / n, so the sum is the exact mean
+    gradient of the global batch, the one-process gradient up to float rounding (what
+    DistributedDataParallel computes for equal parts, without its hooks on the parameters)."""
+    if not active(group):
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    all_reduce(flat, group)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def broadcast_buffers(model: nn.Module, group: Any = None) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP's ``broadcast_buffers``:
+    each rank's BN saw only its part of the batch, and the ranks must measure one model."""
+    if not active(group):
+        return
+    src = _dist().get_global_rank(group, 0) if group is not None else 0
+    for b in model.buffers():
+        _dist().broadcast(b, src=src, group=group)
 
 
 # -- sharded batch lists --------------------------------------------------------------------------------
