@@ -81,7 +81,7 @@ def dense_hessian(case) -> torch.Tensor:
     return torch.autograd.functional.hessian(loss, theta)
 
 
-def user_loop(group_on: bool) -> dict:
+def user_loop(group_on: bool, out=None) -> dict:
     """A researcher's loop: DDP-wrapped SGD on this rank's half of each minibatch, the Scope measuring."""
     case = build_case("mlp")
     model, loss_fn = case.model, case.loss_fn
@@ -90,7 +90,7 @@ def user_loop(group_on: bool) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     data = case.batches
     scope = Scope(model, loss_fn, data, probes=PROBES, batch_size=4, weight_decay=WD, seed=1, steps_per_epoch=3,
-                  process_group=None if group_on else False)
+                  process_group=None if group_on else False, out=out)
     for t in range(4):
         xb, yb = data[t % 2]  # batches of 5 and 3... cut to an even 2 so the DDP mean is the global mean
         xb, yb = xb[:2], yb[:2]
@@ -103,6 +103,7 @@ def user_loop(group_on: bool) -> dict:
             rec.record(batch_loss=float(loss.detach()))
     tables = {name: scope.table(name) for name in ("eigen", "direction", "k_min", "alpha_step", "alignment", "interpolation", "valley")}
     eig = scope.eigenpairs(3)
+    scope.close()
     return {"tables": tables, "theta": get_flat(model), "eig_vectors": eig.vectors, "eig_values": eig.values}
 
 
@@ -110,7 +111,8 @@ def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=distributed.timeout())
     res = {cid: kernels(cid) for cid in ("mlp", "dropout", "cnn_bn")}
-    res["loop"] = user_loop(True)
+    res["loop"] = user_loop(True, out_dir / "scope")  # the same directory on both ranks: rank 0 writes it
+    res["scope_dir"] = str(out_dir / "scope")
     if distributed.rank() == 0:
         res["loop_one"] = user_loop(False)
     torch.save(res, out_dir / f"rank{distributed.rank()}.pt")
