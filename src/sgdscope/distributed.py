@@ -239,9 +239,8 @@ def weigh_shard(batches: Sequence[Batch], ignore_index: Optional[int] = None) ->
     rank's batches (the list itself when not sharded); the rank's list may be empty."""
     if not isinstance(batches, Shard):
         return weigh(batches, ignore_index)
-    _, total = weigh(batches.full, ignore_index)  # every rank holds the whole list: no communication
-    mine = [w for w in weigh(batches.full, ignore_index)[0] if w.index % batches.world == batches.rank]
-    return mine, total
+    weighted, total = weigh(batches.full, ignore_index)  # every rank holds the whole list: no communication
+    return [w for w in weighted if w.index % batches.world == batches.rank], total
 
 
 def reduce_shard(batches: Sequence[Batch], t: Tensor) -> Tensor:
