@@ -25,7 +25,7 @@ from sgdscope.landscape import loss_at_points, minibatch_grads  # noqa: E402
 
 WD = 0.05
 PROBES = {
-    "eigen": {"every": 2, "k": 3, "tol": 1e-6, "max_hvps": 120},
+    "eigen": {"every": 2, "k": 3, "tol": 1e-6, "max_hvps": 60},
     "direction": {"every": 2, "eigen_indices": [1, 2], "n_grads": 3, "ks": [-1, 1]},
     "alpha_step": {"every": 2, "eigen_indices": [1], "n_grads": 3, "alphas": [0.5, 1.0]},
     "alignment": {"every": 2},
@@ -57,8 +57,8 @@ def kernels(case_id: str) -> dict:
         ),
         "n_hvps": (par.n_hvps, one.n_hvps),
     }
-    e_par = top_eigenpairs(par, k=3, tol=1e-8, max_hvps=90, generator=torch.Generator().manual_seed(0))
-    e_one = top_eigenpairs(one, k=3, tol=1e-8, max_hvps=90, generator=torch.Generator().manual_seed(0))
+    e_par = top_eigenpairs(par, k=3, tol=1e-8, max_hvps=45, generator=torch.Generator().manual_seed(0))
+    e_one = top_eigenpairs(one, k=3, tol=1e-8, max_hvps=45, generator=torch.Generator().manual_seed(0))
     out["eig_values"], out["eig_vectors"] = (e_par.values, e_one.values), (e_par.vectors, e_one.vectors)
     if case_id == "mlp":  # a second oracle: the dense Hessian of the weighted loss by autograd
         out["dense"] = (par.dense(), dense_hessian(case))
