@@ -187,3 +187,37 @@ def test_two_rank_run_killed_resumed_equals_one_rank_run(tmp_path):
         num = list(a.select_dtypes("number").columns)
         assert list(b[num].columns) == num
         assert float((a[num] - b[num]).abs().max().max()) < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------ in-process
+def test_parts_of_a_global_batch_cover_it_once(monkeypatch):
+    """The ranks' contiguous parts tile the batch in order, sizes as torch.tensor_split's (a plain oracle)."""
+    from sgdscope import distributed
+
+    for n, w in [(25, 2), (7, 3), (2, 4), (128, 8)]:
+        parts = []
+        for r in range(w):
+            monkeypatch.setattr(distributed, "rank", lambda group=None, r=r: r)
+            monkeypatch.setattr(distributed, "world_size", lambda group=None, w=w: w)
+            parts.append(distributed.part(n))
+        idx = torch.arange(n)
+        assert [idx[s].tolist() for s in parts] == [t.tolist() for t in torch.tensor_split(idx, w)]
+
+
+def test_minibatch_grads_only_keeps_the_draws(make_case):
+    """``only``: the rows it names are the full call's rows bit for bit (the same minibatches drawn), the
+    others zero; without a process group the distributed wrappers are the plain kernels."""
+    from sgdscope import distributed
+    from sgdscope.landscape import minibatch_grads
+
+    case = make_case("dropout")
+    x = torch.cat([b[0] for b in case.batches])
+    y = torch.cat([b[1] for b in case.batches])
+    full = minibatch_grads(case.model, case.loss_fn, x, y, 4, 5, torch.Generator().manual_seed(1), mask_seed=3)
+    some = minibatch_grads(case.model, case.loss_fn, x, y, 4, 5, torch.Generator().manual_seed(1), mask_seed=3,
+                           only=[1, 4])
+    assert torch.equal(some[[1, 4]], full[[1, 4]]) and not some[[0, 2, 3]].any()
+    assert distributed.shard(case.batches) is case.batches and not distributed.active()
+    plain = distributed.minibatch_grads(case.batches, case.model, case.loss_fn, x, y, 4, 5,
+                                        torch.Generator().manual_seed(1), mask_seed=3)
+    assert torch.equal(plain, full)
