@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sgdscope.errors import ConfigError, DivergenceError, SgdscopeError
+from sgdscope.errors import ConfigError, DivergenceError, PeerFailed, SgdscopeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Watch SGD walk through a neural network's loss landscape.")
@@ -36,6 +36,8 @@ def _guard(fn):
             _fail(2, f"error: {err}")
         except DivergenceError as err:
             _fail(1, f"diverged: {err}")
+        except PeerFailed as err:
+            _fail(1, f"failed: {err}; measured rows are kept, continue with --resume")
         except KeyboardInterrupt:
             _fail(130, "interrupted; measured rows are kept, continue with --resume")
         except BrokenPipeError:  # the reader went away (`| head`): nothing left to say, and no error of ours
@@ -111,14 +113,16 @@ def run_cmd(
     """Train one run with its probes, writing a run directory."""
     if resume and out is None:
         _fail(2, "error: --resume needs --out RUN_DIR")
-    if out is not None:
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 checks, writes and reports
+    if out is not None and main:
         _check_out(out)
     from sgdscope.train import run
 
     extra = ([f"on_nan={on_nan}"] if on_nan else []) + (["tensorboard=true"] if tensorboard else [])
     cfg, _ = _load(config, [*set_, *extra], device)
     path = run(cfg, out, resume=resume, progress=True)
-    _summary(path)
+    if main:
+        _summary(path)
 
 
 @app.command()

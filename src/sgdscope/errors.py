@@ -53,3 +53,8 @@ def format_validation_error(err, prefix: str = "") -> str:
     msg = msg.removeprefix("Value error, ")
     extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{loc}: {msg}; got {e.get('input')!r}{extra}"
+
+
+class PeerFailed(RuntimeError):
+    """Under torch.distributed, a collective failed: another rank died or stopped answering within the
+    timeout (exit code 1, status 'failed'; the run resumes with --resume)."""

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 import sgdscope
+from sgdscope import distributed
 from sgdscope.errors import RunStoreError
 from sgdscope.measure.scope import Scope as _MeasureScope
 from sgdscope.measure.scope import StepRecord
@@ -40,6 +41,9 @@ def _open_directory(out: Path, resume: bool, config: dict[str, Any]) -> RunStore
 
 class Scope(_MeasureScope):
     """See :class:`sgdscope.measure.scope.Scope` for the measuring; here ``out`` and ``resume`` too.
+
+    Over a process group (``process_group``, default: an initialised default group) every rank passes the
+    same ``out``; rank 0 alone creates, locks and writes the directory.
 
     >>> import torch
     >>> from torch import nn
@@ -67,8 +71,9 @@ class Scope(_MeasureScope):
             sink = out
         super().__init__(model, loss_fn, measure_data, probes=probes, train_data=train_data, bn_policy=bn_policy,
                          seed=seed, sink=sink, resume=resume, **kw)
-        if out is not None and sink is None:
-            # every argument validated above, before anything is written
+        if out is not None and sink is None and (not self.sharded or distributed.is_main(self.group)):
+            # every argument validated above, before anything is written; over a process group, only rank
+            # 0 opens (and locks) the directory
             self.path = Path(out)
             self.store = _open_directory(self.path, resume, config or self._config())
             self.attach(self.store, *self.sinks[1:])

@@ -60,6 +60,7 @@ def minibatch_grads(
     *,
     ignore_index: int | None = None,
     mask_seed: int | None = None,
+    only: Sequence[int] | None = None,
 ) -> Tensor:
     """Flat gradients ∇[L_B(θ) + λ‖θ‖²] of ``n`` random minibatches B of ``batch_size`` examples: ``(n, n_params)``.
 
@@ -72,13 +73,21 @@ def minibatch_grads(
 
     The mean loss of a minibatch is ``loss_fn``'s own (over its real targets); ``ignore_index`` only serves
     to refuse a minibatch without any real target, whose mean loss, and so gradient, is undefined.
+
+    ``only``: compute just the gradients j in it and leave zero rows elsewhere (every minibatch is still
+    drawn, so the ones computed are those of the full call); :func:`sgdscope.distributed.minibatch_grads`
+    deals the rows out over ranks this way.
     """
     if not 0 < batch_size <= len(y):
         raise ConfigError(f"minibatch_grads: batch_size {batch_size} must be in 1..{len(y)}")
     params = [p for _, p in named_trainable(model)]
+    keep = set(range(n)) if only is None else set(only)
     out = []
     with measurement_mode(model, bn_policy):
         for j, idx in enumerate(minibatch_indices(len(y), batch_size, n, generator, y.device)):
+            if j not in keep:
+                out.append(torch.zeros(sum(p.numel() for p in params), device=y.device, dtype=params[0].dtype))
+                continue
             if n_targets(y[idx], ignore_index) == 0:
                 raise ValueError(f"minibatch_grads: minibatch {j} holds only ignore_index={ignore_index} targets")
             with fixed_masks(mask_seed, j, y.device):

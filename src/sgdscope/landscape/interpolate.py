@@ -36,9 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from sgdscope import distributed
 from sgdscope.curvature.flat import get_flat, named_trainable, set_flat, unflatten
 from sgdscope.errors import ConfigError
-from sgdscope.losses import Batch, LossFn, Weighted, cross_entropy, forward, functional_forward, l2_penalty, weigh
+from sgdscope.losses import Batch, LossFn, Weighted, cross_entropy, forward, functional_forward, l2_penalty
 from sgdscope.policy import check_policy, fixed_masks, measurement_mode, norm_buffers
 
 METHODS = ("auto", "vmap", "loop")
@@ -153,12 +154,16 @@ def loss_at_points(
     method = _resolve_method(model, bn_policy, method)
     if points.dim() != 2:
         raise ValueError(f"points must be a (P, n_params) stack, got shape {tuple(points.shape)}")
-    weighted, total = weigh(batches, ignore_index)
+    # a Shard (sgdscope.distributed): this rank's batches weighed by the global N, summed over the ranks
+    weighted, total = distributed.weigh_shard(batches, ignore_index)
     with measurement_mode(model, bn_policy):
-        if method == "loop":
+        if not weighted:  # a rank whose shard is empty adds zeros
+            losses = points.new_zeros(len(points))
+        elif method == "loop":
             losses = _losses_loop(model, points, weighted, total, loss_fn, mask_seed)
         else:
             losses = _losses_vmap(model, points, weighted, total, loss_fn, mask_seed, chunk_size)
+    losses = distributed.reduce_shard(batches, losses)
     if weight_decay > 0:
         losses = losses + torch.stack([l2_penalty([theta], weight_decay) for theta in points])
     return losses

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from sgdscope import seeds
+from sgdscope import distributed, seeds
 from sgdscope.losses import Batch, split_batches
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,14 +84,14 @@ class Env:
     @property
     def measure_xy(self) -> Batch:
         """The whole measurement set as one pair (for drawing minibatches), joined once."""
-        if self._joined is None:
-            self._joined = concat(self.measure_batches)
+        if self._joined is None:  # the whole set, also where this rank measures a Shard of it
+            self._joined = concat(distributed.full(self.measure_batches))
         return self._joined
 
     @property
     def measure_size(self) -> int:
         """Examples in the measurement set (sequences, for a language model)."""
-        return sum(len(y) for _, y in self.measure_batches)
+        return sum(len(y) for _, y in distributed.full(self.measure_batches))
 
     @property
     def minibatch_size(self) -> int:

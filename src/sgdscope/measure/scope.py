@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from sgdscope import distributed
 from sgdscope.curvature import EigenResult
 from sgdscope.curvature.flat import get_flat, grad_flat, named_trainable
 from sgdscope.errors import ConfigError
@@ -101,6 +102,13 @@ class Scope:
       ignore_index: targets equal to it carry no weight (padding); default: ``loss_fn.ignore_index`` if any.
       resume: rows committed after the step restored by :meth:`load_state_dict` are dropped from the sink
         (all rows if training starts without one), so a resumed loop recomputes them exactly once.
+      process_group: measure data-parallel over this ``torch.distributed`` group; None (default) takes the
+        default group when one of several ranks is initialised (a DDP loop), False measures on this process
+        alone. Every rank passes the SAME, whole ``measure_data`` / ``train_data`` and calls every step,
+        :meth:`end_epoch` and :meth:`eigenpairs` in the same order (they hold collectives); the Scope shards
+        the batches over the ranks (:mod:`sgdscope.distributed`), so every rank gets the one-process
+        numbers and the same eigenpairs. Only rank 0 commits to ``sink``/``sinks`` and saves tensors (open a
+        store there only); the other ranks keep their rows in memory.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class Scope:
         measure_batch_size: int = 1000,
         save_tensors: Optional[Callable[[str, dict[str, Tensor]], Any]] = None,
         resume: bool = False,
+        process_group: Any = None,
     ) -> None:
         check_policy(bn_policy)
         self.options = probe_options(probes)
@@ -139,6 +148,12 @@ class Scope:
             ignore_index = getattr(loss_fn, "ignore_index", None)
         measure = _to(as_batches(measure_data, measure_batch_size), device)
         train = _to(as_batches(train_data, measure_batch_size, "train_data"), device) if train_data is not None else measure
+        self.group = process_group if process_group is not False else None
+        self.sharded = process_group is not False and distributed.active(self.group)
+        if self.sharded:
+            measure, train = distributed.shard(measure, self.group), distributed.shard(train, self.group)
+            if not distributed.is_main(self.group):  # rank 0 alone writes
+                sink, sinks, save_tensors = None, (), None
         self.model, self.steps_per_epoch = model, steps_per_epoch
         self.env = Env(
             model=model, loss_fn=loss_fn, measure_batches=measure, train_batches=train, theta0=get_flat(model),
@@ -182,7 +197,10 @@ class Scope:
         return self.env.tracker
 
     def attach(self, sink: RowSink, *extra: RowSink) -> None:
-        """Send rows to ``sink`` (read back by :meth:`table`) and ``extra`` sinks from now on."""
+        """Send rows to ``sink`` (read back by :meth:`table`) and ``extra`` sinks from now on (on rank 0
+        only when measuring over a process group; the other ranks keep theirs in memory)."""
+        if self.sharded and not distributed.is_main(self.group):
+            return
         self.sink = sink
         self.sinks = [sink, *extra]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from sgdscope import distributed
 from sgdscope.curvature import CURVATURES, EigenResult, HessianOperator, top_eigenpairs
 from sgdscope.measure.env import Env
 
@@ -43,11 +44,13 @@ class EigenTracker:
 
     def operator(self, step: int = 0) -> HessianOperator:
         """H (or G, or F: ``curvature``) of the mean measured loss at the model's current parameters,
-        dropout masks fixed per step (the same masks whichever operator, so the three are comparable)."""
+        dropout masks fixed per step (the same masks whichever operator, so the three are comparable);
+        sharded over the ranks, one all-reduce per product, when the measurement set is a Shard."""
         env = self.env
-        return CURVATURES[self.curvature](
+        return distributed.hessian_operator(
             env.model, env.loss_fn, env.measure_batches, bn_policy=env.bn_policy, weight_decay=env.l2,
             include_l2=env.l2 > 0, ignore_index=env.ignore_index, mask_seed=env.mask_seed("hessian", step),
+            cls=CURVATURES[self.curvature],
         )
 
     def get(self, step: int, k: Optional[int] = None) -> EigenResult:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sgdscope import distributed
 from sgdscope.config import RunConfig, to_dict
 from sgdscope.errors import DivergenceError, RunStoreError
 from sgdscope.store import RunStore
@@ -60,31 +61,73 @@ def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *,
     ``config`` is a :class:`RunConfig`, a raw mapping or a YAML path. With ``resume=True`` an existing
     run directory continues from its last checkpoint (its config must match, ``device`` aside); rows
     committed after that checkpoint are dropped and recomputed, bit for bit.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this: they join one process group
+    (:func:`sgdscope.distributed.init_from_env`), train data-parallel and measure sharded; rank 0 alone
+    holds the directory's lock and writes the store and the checkpoints (see README, "Several processes").
     """
     cfg = _as_config(config)
-    out = Path(out) if out is not None else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     device = resolve_device(cfg.device)
-    want = to_dict(cfg)
+    created = distributed.init_from_env(device)
+    try:
+        return _run(cfg, out, device, resume, progress)
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _claim(out: Path, want: dict[str, Any], resume: bool) -> tuple[RunStore | None, bool]:
+    """Rank 0's checks of the run directory: the store to resume (its lock taken) or None for a new run,
+    and whether that run is already done."""
     store = _reopen(out, want) if resume else None
     if store is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunStoreError(f"{out}: already exists and is not empty; pass --resume to continue it or choose --out")
+    if store is None:
+        return None, False
+    try:
+        store.acquire_writer()  # before reading its status: another writer may be finishing it
+        done = store.status().get("state") == "done"
+    except BaseException:
+        store.close()
+        raise
+    if done:
+        store.close()
+    return store, done
+
+
+def _run(cfg: RunConfig, out: str | Path | None, device, resume: bool, progress: bool) -> Path:
+    main = distributed.is_main()
+    # every rank must write to rank 0's directory (a default name carries rank 0's clock)
+    out = Path(distributed.broadcast_object(str(out) if out is not None else time.strftime("runs/run-%Y%m%d-%H%M%S")))
+    want = to_dict(cfg)
+    store, verdict = None, "go"
+    if main:
+        try:
+            store, done = _claim(out, want, resume)
+            verdict = "done" if done else "go"
+        except BaseException as err:
+            distributed.broadcast_object(f"{type(err).__name__}: {err}")  # the other ranks stop too
+            raise
+    verdict = distributed.broadcast_object(verdict)
+    if verdict == "done":
+        return out
+    if verdict != "go":
+        raise RunStoreError(f"rank 0 refused {out} ({verdict})")
+    progress = progress and main
     try:  # until training starts, any failure gives the directory's lock back
-        if store is not None:
-            store.acquire_writer()  # before reading its status: another writer may be finishing it
-            if store.status().get("state") == "done":
-                store.close()
-                return out
         # every input error surfaces here, before anything is written; on resume the Scope drops the rows
         # committed after the restored step (all of them when no checkpoint was written yet)
-        trainer = Trainer(cfg, device, progress, resume=store is not None)
-        if store is None:
+        trainer = Trainer(cfg, device, progress, resume=resume)
+        if store is None and main:
             store = RunStore.create(out, {**want, **trainer.info()}, writer=True)
             store.save_tensors("measure_subset", {"indices": trainer.measure_idx})
-        else:
+        elif main:
             for stale in (store.path / "checkpoints").glob(".*.tmp"):  # a crash inside an atomic write
                 stale.unlink()
-        trainer.attach(store, *_extra_sinks(cfg, store))
-        ckpt = store.path / "checkpoints" / "last.pt"
+        if main:
+            trainer.attach(store, *_extra_sinks(cfg, store))
+        distributed.barrier()  # the other ranks read the checkpoint once rank 0 has tidied the directory
+        ckpt = out / "checkpoints" / "last.pt"
         if resume and ckpt.is_file():
             state = load_checkpoint(ckpt)
             check_format(ckpt, state)
@@ -93,20 +136,22 @@ def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *,
         if store is not None:
             store.close()
         raise
-    store.set_status("running", step=trainer.step, epoch=trainer.epoch)
+    status = distributed.StatusWriter(store, out)  # rank 0's store; a survivor's when rank 0 died
+    status.set("running", step=trainer.step, epoch=trainer.epoch)
     try:
-        trainer.fit()
+        with distributed.peer_failures():
+            trainer.fit()
     except KeyboardInterrupt:
-        store.set_status("interrupted", step=trainer.step, epoch=trainer.epoch)
+        status.set("interrupted", step=trainer.step, epoch=trainer.epoch)
         raise
     except DivergenceError as err:
-        store.set_status("failed", step=trainer.step, epoch=trainer.epoch, error=str(err))
+        status.set("failed", step=trainer.step, epoch=trainer.epoch, error=str(err))
         raise
     except BaseException as err:
-        store.set_status("failed", step=trainer.step, epoch=trainer.epoch, error=f"{type(err).__name__}: {err}")
+        status.set("failed", step=trainer.step, epoch=trainer.epoch, error=f"{type(err).__name__}: {err}")
         raise
     else:
-        store.set_status("done", step=trainer.step, epoch=trainer.epoch)
+        status.set("done", step=trainer.step, epoch=trainer.epoch)
     finally:
         trainer.scope.close()  # closes the store and its sinks, and releases the directory's lock
     return out

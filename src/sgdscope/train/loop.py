@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sgdscope
-from sgdscope import seeds
+from sgdscope import distributed, seeds
 from sgdscope.config import RunConfig
 from sgdscope.curvature.flat import get_flat, named_trainable
 from sgdscope.errors import ConfigError, DivergenceError, RunStoreError
@@ -123,25 +123,54 @@ class Trainer:
 
             x = augment_batch(x, seeds.generator(self.cfg.seed, "augment", step, device=self.device))
         self.model.train()
+        if distributed.active():
+            return self._grad_part(x, y)
         out = self.model(x)
         loss = self.loss_fn(out, y)
         (loss + l2_penalty(self.params, self.cfg.optimizer.weight_decay)).backward()
         return float(loss.detach()), float((out.argmax(-1) == y).float().mean())
+
+    def _grad_part(self, x, y) -> tuple[float, float]:
+        """Data-parallel: this rank's part of the global minibatch, its loss weighted by n_r / n, the
+        gradients summed over the ranks (one all-reduce), the L2 term once (rank 0's); the loss and the
+        accuracy of the whole minibatch come back summed the same way."""
+        from sgdscope.losses import take
+
+        n, sl = n_targets(y), distributed.part(len(y))
+        xr, yr = take(x, sl), y[sl]
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if len(yr):
+            out = self.model(xr)
+            loss = self.loss_fn(out, yr) * (n_targets(yr) / n)
+            l2 = l2_penalty(self.params, self.cfg.optimizer.weight_decay) if distributed.is_main() else 0.0
+            (loss + l2).backward()
+            stats += torch.stack([loss.detach().double(), (out.argmax(-1) == yr).double().sum() / y.numel()])
+        distributed.sync_grads(self.params)
+        distributed.all_reduce(stats)
+        return float(stats[0]), float(stats[1])
 
     def _grad_full(self) -> tuple[float, float]:
         """Exact mean gradient over the training set in chunks: ∇ Σ_c (n_c/N)·L_c."""
         self.model.train()
         n = len(self.data.train.x)
         loss_sum, correct = 0.0, 0.0
-        for x, y in split_batches(self.data.train.x, self.data.train.y, self.cfg.optimizer.gd_chunk):
+        chunks = split_batches(self.data.train.x, self.data.train.y, self.cfg.optimizer.gd_chunk)
+        w, r = distributed.world_size(), distributed.rank()
+        for c, (x, y) in enumerate(chunks):
+            if c % w != r:  # data-parallel: chunk c is rank c mod W's
+                continue
             out = self.model(x)
             loss = self.loss_fn(out, y)
             (loss * (n_targets(y) / n)).backward()
             loss_sum += float(loss.detach()) * n_targets(y)
             correct += float((out.argmax(-1) == y).sum())
         l2 = l2_penalty(self.params, self.cfg.optimizer.weight_decay)
-        if torch.is_tensor(l2):
+        if torch.is_tensor(l2) and r == 0:  # added once over the ranks
             l2.backward()
+        if w > 1:
+            distributed.sync_grads(self.params)
+            stats = distributed.all_reduce(torch.tensor([loss_sum, correct], dtype=torch.float64, device=self.device))
+            loss_sum, correct = float(stats[0]), float(stats[1])
         return loss_sum / n, correct / n
 
     def train_step(self) -> Optional[dict[str, Any]]:
@@ -164,6 +193,7 @@ class Trainer:
                 self.first_loss = loss if self.first_loss is None else self.first_loss
                 self._refresh_subspace(step)
                 self.optimizer.step()
+                distributed.broadcast_buffers(self.model)  # BN saw each rank's part: rank 0's statistics rule
                 self.nan_streak = 0
                 skipped = 0
             else:
@@ -246,6 +276,8 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> None:
+        if self.store is None:  # not rank 0: rank 0 writes the one checkpoint every rank resumes from
+            return
         save_checkpoint(self.store.path / "checkpoints" / name, self.checkpoint_state())
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
@@ -286,7 +318,8 @@ class Trainer:
                         self.save_checkpoint("best.pt")
                 if self._checkpoint_due(ev is not None):
                     self.save_checkpoint()
-                    self.store.set_status("running", step=self.step, epoch=self.epoch)
+                    if self.store is not None:
+                        self.store.set_status("running", step=self.step, epoch=self.epoch)
                 bar.update(1)
                 if stop:
                     break

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from sgdscope.curvature import EigenResult
 from sgdscope.curvature.flat import get_flat
-from sgdscope.landscape import alpha_step_changes, k_min, loss_along, minibatch_grads, random_direction, typical_step
+from sgdscope import distributed
+from sgdscope.landscape import alpha_step_changes, k_min, loss_along, random_direction, typical_step
 from sgdscope.measure.probes.base import Probe, Rows, StepInfo
 
 
@@ -26,7 +27,9 @@ def eigen_and_grads(probe: Probe, tag: str, info: StepInfo, n: int) -> tuple[Eig
     x, y = env.measure_xy
     kw = env.kernel_kw(tag, info.step)
     del kw["loss_fn"]
-    grads = minibatch_grads(env.model, env.loss_fn, x, y, env.minibatch_size, n, env.generator(tag, info.step), **kw)
+    # dealt out over the ranks when the measurement set is sharded; the same minibatches on any world size
+    grads = distributed.minibatch_grads(env.measure_batches, env.model, env.loss_fn, x, y, env.minibatch_size, n,
+                                        env.generator(tag, info.step), **kw)
     return env.tracker.get(info.step), grads
 
 
