@@ -100,7 +100,7 @@ BAD_OVERRIDES = [
     (["measure.subset=lots"], ["measure.subset"]),
     (["probes.eigen=7"], ["probes.eigen"]),
     # values outside the allowed sets
-    (["optimizer.name=adam"], ["optimizer.name", "must be one of"]),
+    (["optimizer.name=rmsprop"], ["optimizer.name", "must be one of"]),
     (["measure.bn_policy=batch"], ["measure.bn_policy", "must be one of"]),
     (["schedule.name=cosine"], ["schedule.name", "must be one of"]),
     (["device=tpu"], ["device", "must be one of"]),

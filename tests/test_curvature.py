@@ -403,9 +403,10 @@ def test_padding_weighs_as_the_unpadded_concatenation(method):
 def test_a_batch_without_targets_is_skipped():
     x, y = data(6)
     empty = (torch.zeros(0, 5, dtype=F64), torch.zeros(0, dtype=torch.long))
+    # one method for both (auto may time them to different ones): the comparison is exact
     torch.testing.assert_close(
-        HessianOperator(mlp(), cross_entropy, [empty, (x, y), empty]).dense(),
-        HessianOperator(mlp(), cross_entropy, [(x, y)]).dense(),
+        HessianOperator(mlp(), cross_entropy, [empty, (x, y), empty], method="double-backward").dense(),
+        HessianOperator(mlp(), cross_entropy, [(x, y)], method="double-backward").dense(),
         rtol=0, atol=0,
     )
 
