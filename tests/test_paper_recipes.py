@@ -166,3 +166,30 @@ def test_real_readers_still_need_their_files():
 
     with pytest.raises(DataError, match="cifar10: expected"):
         load_dataset(cfg.data.model_copy(update={"root": "/nonexistent-cifar"}), seed=0)
+
+
+# ------------------------------------------------------------------------------------- the estimates
+
+
+def test_paper_recipes_carry_the_benchmarks_estimates():
+    """Each paper recipe's ``estimate_cpu`` is the total bench/paper_estimates.py wrote to its JSON (rounded to
+    0.1 h), over every grid point; ``estimate_gpu`` is an open slot; the listing shows both."""
+    import json
+    from pathlib import Path
+
+    from sgdscope.sweep import expand_grid
+
+    result = json.loads((Path(__file__).parents[1] / "bench/results/paper_estimates.json").read_text())
+    for r in list_recipes():
+        if r.size != "paper":
+            assert r.estimate_cpu is None and r.estimate_line() == ""
+            continue
+        est, bench = r.estimate_cpu, result["recipes"][r.name]
+        runs = len(expand_grid(r.grid)) if r.grid else 1
+        assert est["runs"] == bench["runs"] == len(bench["points"]) == runs, r.name
+        assert est["hours"] == round(bench["total_seconds"] / 3600, 1) > 0, r.name
+        assert bench["total_seconds"] == pytest.approx(sum(p["total_seconds"] for p in bench["points"]))
+        assert est["threads"] == result["threads"]
+        assert r.estimate_gpu is None and "\n  estimate_gpu: null\n" in r.path.read_text()  # the lead's slot
+        line = r.estimate_line()
+        assert line.startswith("CPU ≈ ") and "GPU: not measured" in line and f"({runs} runs" in line
