@@ -53,7 +53,8 @@ import torch
 
 CAP_BATCH = 128  # the step is timed at min(B, CAP_BATCH) examples and scaled per example
 STEPS = 2
-TIMED_N = {"simplecnn": 32, "vgg11": 8, "resnet56": 8}  # examples for the forward / HVP / solve timings
+TIMED_N = {"simplecnn": 32, "vgg11": 8, "resnet56": 8}
+TIMED_MAX_HVPS = 60  # a timed solve stops here (then flagged "capped": its HVP count is a lower bound)  # examples for the forward / HVP / solve timings
 RESULTS = Path(__file__).parent / "results"
 FORMULAS = {  # seconds of one run (grid point); N, V, T: train / val / test sizes, M: measurement set, S steps, E epochs
     "train": "S * step_per_example * B   (full-batch GD: B = N)",
@@ -128,19 +129,20 @@ def time_point(raw: dict[str, Any], device: str) -> dict[str, Any]:
     # eigen first, at θ0, as a run does (a cold solve at step 0, a warm one after one update)
     if cfg.probes.eigen is not None:
         tracker = tr.scope.track(cfg.probes.eigen.k)
+        tracker.max_hvps = min(tracker.max_hvps, TIMED_MAX_HVPS)
         op = tracker.operator(0)
         v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(0)).to(dev)
         op.matvec(v)  # warm-up
         out["hvp_per_example"] = _clock(lambda: op.matvec(v), dev) / m
         t = _now(dev)
         cold = tracker.get(0)
-        out["solve_cold"] = {"hvps": cold.n_hvps, "seconds": _now(dev) - t}
+        out["solve_cold"] = {"hvps": cold.n_hvps, "seconds": _now(dev) - t, "capped": not cold.converged}
         theta = get_flat(tr.model)
         g = torch.randn(theta.shape, generator=torch.Generator().manual_seed(1)).to(dev)
         set_flat(tr.model, theta - cfg.optimizer.lr * 1e-2 * g / g.norm() * theta.norm())
         t = _now(dev)
         warm = tracker.get(1)
-        out["solve_warm"] = {"hvps": warm.n_hvps, "seconds": _now(dev) - t}
+        out["solve_warm"] = {"hvps": warm.n_hvps, "seconds": _now(dev) - t, "capped": not warm.converged}
         set_flat(tr.model, theta)
         for s in ("solve_cold", "solve_warm"):
             d = out[s]
@@ -315,6 +317,7 @@ def main() -> None:
         for overrides in expand_grid(meta.grid) if meta.grid else [{}]:
             point = _with_overrides(raw, overrides)
             cfg = validate(point)
+            point["optimizer"]["batch_size"] = cfg.optimizer.batch_size  # the default where GD leaves it unset
             key = _key(point)
             if key not in timings:
                 t0 = time.perf_counter()
@@ -330,7 +333,7 @@ def main() -> None:
             c = counted[ckey]
             secs = extrapolate(cfg, c, timings[key])
             points.append({"overrides": overrides, "counts": c, "seconds": secs, "total_seconds": sum(secs.values()),
-                           "timing": list(timings).index(key)})
+                           "timing": timings[key]})
         total = sum(p["total_seconds"] for p in points)
         recipes[r.name] = {"runs": len(points), "total_seconds": total, "total": _human(total), "points": points}
         print(f"{r.name:34s} {len(points):3d} runs  {_human(total):>9s}", flush=True)
@@ -342,12 +345,20 @@ def main() -> None:
                  args.threads == 1 else "wall seconds",
         "device": str(device), "threads": args.threads, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cap_batch": CAP_BATCH, "steps_timed": STEPS,
-        "timed_examples": TIMED_N, "timings": list(timings.values()), "recipes": recipes,
+        "timed_examples": TIMED_N, "timed_max_hvps": TIMED_MAX_HVPS, "recipes": recipes,
     }
-    result["sanity"] = sanity(args.device)
     result["script_seconds"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     name = "paper_estimates.json" if device.type == "cpu" else f"paper_estimates_{device.type}.json"
+    if args.only and (RESULTS / name).is_file():  # a partial rerun updates those recipes in the existing file
+        old = json.loads((RESULTS / name).read_text())
+        result["recipes"] = {**old["recipes"], **recipes}
+        result["script_seconds"] += old.get("script_seconds", 0.0)
+        result["sanity"] = old.get("sanity")
+    if result.get("sanity") is None:
+        t = time.perf_counter()
+        result["sanity"] = sanity(args.device)
+        result["script_seconds"] += time.perf_counter() - t
     (RESULTS / name).write_text(json.dumps(result, indent=1, default=str) + "\n")
     if args.write:
         from sgdscope.recipes import HERE
