@@ -192,4 +192,4 @@ def test_paper_recipes_carry_the_benchmarks_estimates():
         assert est["threads"] == result["threads"]
         assert r.estimate_gpu is None and "\n  estimate_gpu: null\n" in r.path.read_text()  # the lead's slot
         line = r.estimate_line()
-        assert line.startswith("CPU ≈ ") and "GPU: not measured" in line and f"({runs} runs" in line
+        assert line.startswith("CPU ≈ ") and "GPU: not measured" in line and f"({runs} run" in line

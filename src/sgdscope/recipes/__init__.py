@@ -44,7 +44,8 @@ class Recipe:
             hours = float(est.get("hours", float("nan")))
             size = f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h"
             extra = f", {est['threads']} thread{'s' * (est['threads'] != 1)}" if what == "CPU" and "threads" in est else ""
-            parts.append(f"{what} ≈ {size} ({est.get('runs', 1)} runs{extra})")
+            runs = int(est.get("runs", 1))
+            parts.append(f"{what} ≈ {size} ({runs} run{'s' * (runs != 1)}{extra})")
         return " | ".join(parts) + "  [extrapolated: bench/paper_estimates.py]"
 
 
