@@ -53,7 +53,7 @@ import torch
 
 CAP_BATCH = 128  # the step is timed at min(B, CAP_BATCH) examples and scaled per example
 STEPS = 2
-TIMED_N = {"simplecnn": 32, "vgg11": 8, "resnet56": 8}
+TIMED_N = {"simplecnn": 32, "simplecnn-medium": 8, "vgg11": 8, "resnet56": 8}
 TIMED_MAX_HVPS = 60  # a timed solve stops here (then flagged "capped": its HVP count is a lower bound)  # examples for the forward / HVP / solve timings
 RESULTS = Path(__file__).parent / "results"
 FORMULAS = {  # seconds of one run (grid point); N, V, T: train / val / test sizes, M: measurement set, S steps, E epochs
@@ -120,7 +120,8 @@ def time_point(raw: dict[str, Any], device: str) -> dict[str, Any]:
     from sgdscope.train.loop import Trainer
 
     batch, model = int(raw["optimizer"]["batch_size"]), raw["model"]["name"]
-    m = TIMED_N.get(model, 32)
+    variant = raw["model"].get("variant", "standard")
+    m = TIMED_N.get(f"{model}-{variant}", TIMED_N.get(model, 32))
     cfg = validate(_timing_config(raw, batch, m, device))
     dev = resolve_device(cfg.device)
     tr = Trainer(cfg, dev, progress=False)
