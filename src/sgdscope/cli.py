@@ -163,6 +163,8 @@ def recipes() -> None:
         typer.echo(f"{r.name:34s} [{r.size}] {r.reproduces}\n{'':37s}claim: {r.claim}")
         if r.grid:
             typer.echo(f"{'':37s}grid:  {'  '.join(f'{k}={v}' for k, v in r.grid.items())}")
+        if r.estimate_line():
+            typer.echo(f"{'':37s}time:  {r.estimate_line()}")
 
 
 @app.command()

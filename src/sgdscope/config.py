@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from sgdscope.errors import ConfigError, format_validation_error
 from sgdscope.measure.options import (  # noqa: F401 - the probe options are part of the run config
@@ -32,11 +32,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# datasets read from files; each has a synthetic stand-in of its shape (data.synthetic, data/standin.py)
+FILE_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "ptb")
+
+
 class DataConfig(_Strict):
     name: Literal[
         "digits", "mnist1d", "synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "ptb"
     ] = "digits"
     root: Optional[str] = None
+    # true: a synthetic stand-in of the named file dataset's exact shape, sizes and classes, and no file read
+    # (data/standin.py), so a paper-size config runs where the real files are absent; recorded in config.yaml
+    synthetic: bool = False
     train_size: Optional[int] = Field(None, gt=0)
     val_size: Optional[int] = Field(None, ge=0)
     test_size: Optional[int] = Field(None, ge=0)
@@ -53,6 +60,15 @@ class DataConfig(_Strict):
     # tiny-imagenet subset
     tiny_classes: Optional[int] = Field(None, gt=0)
     tiny_per_class: Optional[int] = Field(None, gt=0)
+
+    @field_validator("synthetic")
+    @classmethod
+    def _standin(cls, v: bool, info: ValidationInfo) -> bool:
+        name = info.data.get("name")  # declared before, so already validated (absent if it was invalid)
+        if v and name is not None and name not in FILE_DATASETS:
+            raise ValueError(f"{name} is embedded or generated and needs no stand-in; synthetic stand-ins exist "
+                             f"for {', '.join(FILE_DATASETS)}")
+        return v
 
 
 class ModelConfig(_Strict):

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from sgdscope.config import DataConfig
-from sgdscope.data import embedded, readers
+from sgdscope.data import embedded, readers, standin
 from sgdscope.data.augment import augment_batch
 from sgdscope.data.core import Dataset, Source, Split, assemble, assemble_lm
 from sgdscope.errors import ConfigError
@@ -34,7 +34,8 @@ _IMAGES = {"digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imag
 def load_dataset(cfg: DataConfig, seed: int, device: torch.device | str = "cpu") -> Dataset:
     """Read or generate the dataset named by ``cfg.name``, split it with ``seed`` and move it to ``device``.
 
-    Raises :class:`~sgdscope.errors.DataError` for missing or malformed files and
+    With ``cfg.synthetic`` a file dataset is replaced by its stand-in of the same shape
+    (:mod:`sgdscope.data.standin`) and no file is read. Raises :class:`~sgdscope.errors.DataError` for missing or malformed files and
     :class:`~sgdscope.errors.ConfigError` for settings the data cannot satisfy.
     """
     device = torch.device(device)
@@ -46,6 +47,6 @@ def load_dataset(cfg: DataConfig, seed: int, device: torch.device | str = "cpu")
             "(the MLP flattens its input itself)"
         )
     if cfg.name == "ptb":
-        streams, vocab_size, info = readers.read_ptb(cfg)
+        streams, vocab_size, info = (standin.ptb if cfg.synthetic else readers.read_ptb)(cfg)
         return assemble_lm(cfg, streams, vocab_size, info, device)
-    return assemble(cfg, seed, _CLASSIFICATION[cfg.name](cfg), device)
+    return assemble(cfg, seed, (standin.images if cfg.synthetic else _CLASSIFICATION[cfg.name])(cfg), device)

@@ -42,7 +42,19 @@ def weight_spectral_norm_mean(model: nn.Module) -> float:
     mats = weight_matrices(model)
     if not mats:
         return float("nan")
-    return float(sum(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).float(), ord=2) for w in mats) / len(mats))
+    return float(sum(_sigma_max(w.reshape(w.shape[0], -1)) for w in mats) / len(mats))
+
+
+def _sigma_max(w: Tensor) -> Tensor:
+    """σ_max(W) = √λ_max(W Wᵀ), the Gram matrix taken on the shorter side, in float64.
+
+    Why not ``matrix_norm(ord=2)``: that is a full SVD of W, ~10× slower on VGG-11's 512×4608 convolutions
+    (15 s against 1.5 s per epoch on one CPU thread), and it was the largest cost of a paper-size epoch's
+    statistics. In float64 the Gram matrix's squaring of the condition number costs nothing that matters here:
+    only the largest eigenvalue is kept, and its relative error is ~1e-16·κ-free (Weyl)."""
+    w = w.double()
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()
 
 
 class _EveryStep(Probe):
