@@ -44,13 +44,13 @@ shared signature and ignored (the products above have one way).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from sgdscope.curvature.flat import ParamFilter, flatten, unflatten
+from sgdscope.curvature.flat import flatten, unflatten
 from sgdscope.curvature.hessian import HessianOperator
 from sgdscope.losses import Batch, Inputs, LossFn, functional_forward, n_targets, take
 from sgdscope.policy import fixed_masks, measurement_mode
@@ -150,28 +150,14 @@ class FisherOperator(_JtMJ):
 
     kind = "fisher"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: Sequence[Batch],
-        bn_policy: str = "train-restore",
-        weight_decay: float = 0.0,
-        include_l2: bool = True,
-        param_filter: ParamFilter = None,
-        method: str = "auto",
-        max_block: int = 16,
-        *,
-        ignore_index: int | None = None,
-        mask_seed: int | None = None,
-        per_example: str = "auto",
-    ) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], *args: Any,
+                 per_example: str = "auto", **kw: Any) -> None:
+        # every other argument is HessianOperator's, passed on as given
         if per_example not in PER_EXAMPLE:
             raise ValueError(f"FisherOperator: per_example {per_example!r} is not one of {', '.join(PER_EXAMPLE)}")
-        super().__init__(model, loss_fn, batches, bn_policy, weight_decay, include_l2, param_filter, method,
-                         max_block, ignore_index=ignore_index, mask_seed=mask_seed)
+        super().__init__(model, loss_fn, batches, *args, **kw)
         self.per_example = per_example
-        self._total = sum(n_targets(y, ignore_index) for _, y in self.batches)
+        self._total = sum(n_targets(y, self.ignore_index) for _, y in self.batches)
 
     def _example_weights(self, y: Tensor) -> Tensor:
         """n_i, the real targets of each example of ``y`` (1 each without ``ignore_index``)."""
