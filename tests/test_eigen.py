@@ -273,3 +273,48 @@ def test_error_bounds_cover_float32_roundoff():
     err = (res.values.double() - true_top(exact, K)).abs()
     assert res.converged and (err <= res.error_bounds.double()).all(), (err, res.error_bounds)
     assert (res.error_bounds / res.values.abs() < 1e-4).all()
+
+
+def _bounds_loop(theta, gram, k, roundoff=0.0):
+    """ritz_error_bounds written as the plain loop over windows it was first (the vectorised one's oracle)."""
+    m, p = len(theta), len(gram)
+    err = torch.zeros_like(theta)
+    err[:p] = gram.diagonal().clamp_min(0).sqrt() + roundoff
+    by_value = torch.argsort(theta[:p])
+    windows = []
+    for a in range(p):
+        for b in range(a, p):
+            W = by_value[a : b + 1]
+            outside = torch.ones(m, dtype=torch.bool)
+            outside[W] = False
+            rho = float(torch.linalg.eigvalsh(gram[W][:, W])[-1].clamp_min(0).sqrt())
+            dist = (theta[W, None] - theta[None, outside]).abs().min(dim=0).values
+            windows.append((W, outside, dist, rho, bool((W == m - 1).any())))
+    for _ in range(3):
+        new = err[:p].clone()
+        for W, outside, dist, rho, frontier in windows:
+            eta = float((dist - err[outside]).min()) if outside.any() and not frontier else 0.0
+            new[W] = new[W].clamp_max((min(rho, rho**2 / eta) if eta > 0 else rho) + roundoff)
+        if torch.equal(new, err[:p]):
+            break
+        err[:p] = new
+    return err[:k]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ritz_error_bounds_equal_the_plain_loop(seed):
+    """The batched windows give the loop's bounds: random Ritz values (with clusters), residual Grams of
+    any rank, p ≤ m known residuals, with and without round-off."""
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(1, 12, (1,), generator=g))
+    p = int(torch.randint(1, m + 1, (1,), generator=g))
+    theta = torch.randn(m, generator=g, dtype=F64).sort(descending=True).values
+    if seed % 3 == 0 and m > 2:  # a tight cluster
+        theta[1] = theta[0] - 1e-3
+    R = torch.randn(p, int(torch.randint(1, p + 1, (1,), generator=g)), generator=g, dtype=F64) * 10.0 ** float(
+        torch.randint(-4, 0, (1,), generator=g))
+    gram = R @ R.T
+    k = int(torch.randint(1, p + 1, (1,), generator=g))
+    roundoff = 1e-6 if seed % 2 else 0.0
+    torch.testing.assert_close(ritz_error_bounds(theta, gram, k, roundoff), _bounds_loop(theta, gram, k, roundoff),
+                               rtol=1e-12, atol=1e-15)
