@@ -318,3 +318,20 @@ def test_ritz_error_bounds_equal_the_plain_loop(seed):
     roundoff = 1e-6 if seed % 2 else 0.0
     torch.testing.assert_close(ritz_error_bounds(theta, gram, k, roundoff), _bounds_loop(theta, gram, k, roundoff),
                                rtol=1e-12, atol=1e-15)
+
+
+def test_basis_memory_is_bounded_by_max_basis():
+    """The V/HV buffers never hold more than max_basis rows (2·max_basis·n numbers), however many products
+    a slow solve spends on restarts."""
+    from sgdscope.curvature.krylov import KrylovBasis
+
+    H = with_spectrum(bulk(300, SPECTRA["clustered"], 1), seed=3)
+    op = MatrixOp(H)
+    basis = KrylovBasis(op, max_size=20)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        basis.extend(torch.randn(7, 300, generator=g, dtype=F64), 20 - len(basis))
+        assert len(basis) <= 20 and basis.nbytes <= 2 * 20 * 300 * 8
+    res = top_eigenpairs(op, k=K, tol=1e-8, max_basis=20, max_hvps=400)
+    assert res.converged
+    torch.testing.assert_close(res.values, true_top(H, K), rtol=1e-7, atol=0)

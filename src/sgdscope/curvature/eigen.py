@@ -228,11 +228,10 @@ def top_eigenpairs(
     if max_basis < keep + 1 and max_basis < n:
         raise ValueError(f"max_basis={max_basis} must exceed k + guard = {keep}")
 
-    eps = torch.finfo(op.dtype).eps
-    roundoff = n**0.5 * eps
+    roundoff = n**0.5 * torch.finfo(op.dtype).eps
     start_hvps = op.n_hvps
     gen = default_generator(op, generator)
-    basis = KrylovBasis(op)
+    basis = KrylovBasis(op, max_size=max_basis)
     start = init.to(device=op.device, dtype=op.dtype) if init is not None else random_start(op, block_size, gen)
     basis.extend(start, min(max_hvps, max_basis))
 
@@ -248,39 +247,22 @@ def top_eigenpairs(
         return res, bounds, ok
 
     iterations = 0
-    locked = torch.zeros(keep, dtype=torch.bool, device=op.device)
     while True:
         theta_all, S_all = basis.ritz(which)
         theta, S = theta_all[:keep], S_all[:, :keep]
-        # The kept pairs and the next one, whose distance bounds the last kept pair's gap.
+        # The kept pairs and the next one, whose distance bounds the last kept pair's gap. Their residuals
+        # are formed explicitly: one pass over V and HV that serves the decision and the expansion alike.
         Sp, theta_p = S_all[:, : keep + 1], theta_all[: keep + 1]
-        gram = basis.residual_gram(Sp, theta_p)
+        Y, R = basis.explicit(Sp, theta_p)
+        gram = (R @ R.T).double()
         res, bounds, ok = assess(gram)
-        # Cheap residuals carry an absolute error of about √ε·max|θ| (float32: measured 5e-4 relative): within
-        # ten times that they are noise, and decisions taken on noise would make the path (and the HVP
-        # count) depend on round-off. So a pair near that floor is decided on explicit residuals, unless an
-        # explicit check has already found it converged (``locked``; the basis only grows until a restart).
-        noise = 4 * eps**0.5 * float(theta_all.abs().max())
-        near = gram.diagonal()[: len(res)].clamp_min(0).sqrt() < 10 * noise
-        held = locked[: len(res)] & near
-        ok |= held
         budget = max_hvps - (op.n_hvps - start_hvps)
-        if (len(res) == k and bool(ok.all())) or budget <= 0 or bool((near & ~held).any()):
-            # Measure: the cheap Gram steers, what is decided near convergence and reported is explicit.
-            Y, R = basis.explicit(Sp, theta_p)
-            gram = (R @ R.T).double()
-            res, bounds, ok = assess(gram)
-            locked = torch.zeros(keep, dtype=torch.bool, device=ok.device)
-            locked[: len(ok)] = ok
-            if (len(res) == k and bool(ok.all())) or budget <= 0:
-                break
-            noise = 0.0
+        if (len(res) == k and bool(ok.all())) or budget <= 0:
+            break
         active = (~ok).nonzero().flatten()
-        W = (basis.residual_directions(Sp[:, active], theta_p[active], gram[active][:, active], noise)
-             if len(active) else None)
+        W = basis.residual_span(R, gram, active) if len(active) else None
         if W is not None and len(basis) + len(W) > max_basis:
             basis.restart(S, theta)
-            locked[:] = False  # a restart may reorder the pairs: converged ones are confirmed again
         limit = min(budget, max_basis - len(basis))
         added = basis.extend(W, limit) if W is not None else 0
         if not added and len(basis) < n:

@@ -118,7 +118,7 @@ def spectral_density(
     nodes = torch.zeros(n_vectors, n_steps, dtype=torch.float64)
     weights = torch.zeros_like(nodes)
     for i in range(n_vectors):
-        basis = KrylovBasis(op)
+        basis = KrylovBasis(op, max_size=n_steps)
         basis.extend(random_start(op, 1, gen, kind="rademacher"), 1)
         while len(basis) < n_steps:
             # The next Lanczos direction: the newest image minus its part in the basis. Projecting before
