@@ -74,7 +74,9 @@ class KrylovBasis:
         keep = evals > _RANK_TOL**2
         Q, evals = Q[:, keep].flip(1), evals[keep].flip(0)
         W = (Q.T.to(W.dtype) @ W) / evals.sqrt().to(W.dtype)[:, None]
-        return torch.linalg.qr(W.T).Q.T if len(W) else W
+        if len(W) <= 1:  # a Householder QR of an (n, 1) matrix is a normalisation at several times its cost
+            return W / W.norm(dim=1, keepdim=True) if len(W) else W
+        return torch.linalg.qr(W.T).Q.T
 
     def extend(self, W: Tensor, limit: int) -> int:
         """Add the new directions in ``W`` (at most ``limit``), applying H to them; returns how many."""
