@@ -14,7 +14,7 @@ from sgdscope.summaries import extra_rows
 from sgdscope.sweepview import open_sweep
 
 
-def test_figures_report_lines_and_claims_from_own_loop_stores(tmp_path):
+def test_figures_report_lines_and_claims_from_own_loop_stores(tmp_path, monkeypatch):
     from test_scope import data, fresh, loop
 
     (u, v), y = data(seed=1)
@@ -38,6 +38,14 @@ def test_figures_report_lines_and_claims_from_own_loop_stores(tmp_path):
     sections = {r[0] for r in extra_rows(store)}
     assert {"curvature operator", "2-D slice"} <= sections
     assert not any(r[0] == "curvature operator" for r in extra_rows(RunStore(tmp_path / "runs" / "curvature=hessian")))
+    # the eigenvalue figure names the operator the run tracked
+    from sgdscope.plots import sharpest
+
+    titles = []
+    monkeypatch.setattr(sharpest, "title", lambda fig, text, *a: titles.append(text))
+    for curv in ("ggn", "hessian"):
+        draw("eigenvalues", RunStore(tmp_path / "runs" / f"curvature={curv}"), tmp_path / "figures")
+    assert titles[0].startswith("Gauss–Newton eigenvalues") and titles[1].startswith("Hessian eigenvalues")
     g = check("ggn-fisher", tmp_path)
     assert g.checks["every run followed the same trajectory (identical batch losses)"]
     assert set(g.numbers.index) == {"hessian", "ggn"}

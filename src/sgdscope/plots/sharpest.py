@@ -60,8 +60,11 @@ def _eigen_panels(ax_top, ax_bottom, store: RunStore, eig: pd.DataFrame, x: Call
         no_data(ax_bottom, "η·λ₁: " + missing_column("train", "lr") if len(l1) else "no λ₁ rows (index 1)", clear=False)
 
 
+OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss–Newton", "fisher": "Empirical Fisher"}
+
+
 def eigenvalues(store: RunStore, out_dir: Path) -> list[Path]:
-    """Top-K Hessian eigenvalues over training (log scale), ‖H‖_F, and η·λ₁ against 2.
+    """Top-K Hessian (or Gauss–Newton, or empirical Fisher: the run's ``curvature`` column) eigenvalues over training (log scale), ‖H‖_F, and η·λ₁ against 2.
 
     With a zoom schedule (``probes.eigen.first_steps``) a narrow left column shows the first steps at
     iteration resolution, as left of the bar in the paper's Fig. 2.
@@ -82,7 +85,9 @@ def eigenvalues(store: RunStore, out_dir: Path) -> list[Path]:
     if axes[1, -1].get_legend_handles_labels()[0]:
         axes[1, -1].legend()
     which = eig["which"].iloc[0] if "which" in eig else "LA"
-    title(fig, f"Hessian eigenvalues along the trajectory (top-{eig['index'].max()}, {which})", store.path.name)
+    # the eigen probe can track the Gauss–Newton matrix or the empirical Fisher instead (probes.eigen.curvature)
+    operator = OPERATOR_NAMES.get(str(eig["curvature"].iloc[0]) if "curvature" in eig else "hessian", "Hessian")
+    title(fig, f"{operator} eigenvalues along the trajectory (top-{eig['index'].max()}, {which})", store.path.name)
     return [save(fig, out_dir / "eigenvalues.png")]
 
 
