@@ -245,7 +245,9 @@ class Runner:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
                 return True
-            time.sleep(0.02)
+            # A poll costs ~30 ms of CPU (the pandas checks of three tables) and takes it from the run on a
+            # small machine: every 0.1 s, and every 0.02 s only near a planned kill so that it lands on time.
+            time.sleep(0.02 if kill_at is not None and n >= kill_at - 5 else 0.1)
         return False
 
 
