@@ -14,15 +14,33 @@ from sgdscope.store import RunStore
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.slow  # a fresh interpreter each: importing torch, scikit-learn and matplotlib dominates
-@pytest.mark.parametrize("script", ["own_cnn.py", "own_lm.py"])
-def test_example_writes_a_run_with_its_measurements_and_report(tmp_path, script):
-    out = tmp_path / "run"
+SCRIPTS = ["own_cnn.py", "own_lm.py"]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Both examples, started at once: each is one single-threaded interpreter, so on a machine of two or
+    more cores they run side by side instead of one after the other."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    res = subprocess.run([sys.executable, str(EXAMPLES / script), "--small", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    procs = {}
+    for script in SCRIPTS:
+        out = tmp_path_factory.mktemp(script.removesuffix(".py")) / "run"
+        procs[script] = (subprocess.Popen([sys.executable, str(EXAMPLES / script), "--small", "--out", str(out)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out)
+    yield procs
+    for p, _ in procs.values():
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+@pytest.mark.slow  # a fresh interpreter each: importing torch, scikit-learn and matplotlib dominates
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_writes_a_run_with_its_measurements_and_report(started, script):
+    proc, out = started[script]
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     assert (out / "report.html").stat().st_size > 0 and list((out / "figures").glob("*.png"))
     store = RunStore(out)
     assert store.status()["state"] == "done"
