@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sgdscope.curvature import (
+    BLOCK_METHODS,
     HVP_METHODS,
     HessianOperator,
     frobenius_topk,
@@ -32,6 +33,10 @@ from sgdscope.models.quadratic import Quadratic, output_mean
 from sgdscope.policy import BN_POLICIES, fixed_masks
 
 F64 = torch.float64
+# every product kernel: the single-product methods (each with its own block method) and the batched
+# double backward for blocks
+KERNELS = [{"method": m} for m in HVP_METHODS] + [{"method": "jvp", "block_method": "double-backward-batched"}]
+KERNEL_IDS = [k.get("block_method", k["method"]) for k in KERNELS]
 
 
 def mlp(sizes=(5, 8, 3), seed=0, act=nn.Tanh):
@@ -102,12 +107,12 @@ def quadratic_op(eigenvalues, seed=0):
 # -- the operator ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_operator_matches_autograd_hessian(method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_operator_matches_autograd_hessian(kernel):
     model = mlp()
     batches = split_batches(*data(30), 12)
     H = oracle_hessian(model, batches)
-    op = HessianOperator(model, cross_entropy, batches, method=method)
+    op = HessianOperator(model, cross_entropy, batches, **kernel)
     assert op.n_params == 75 and op.dtype == F64 and op.device.type == "cpu"
     torch.testing.assert_close(op.dense(), H, rtol=0, atol=1e-12)
     V = torch.randn(4, op.n_params, dtype=F64)
@@ -115,31 +120,46 @@ def test_operator_matches_autograd_hessian(method):
     torch.testing.assert_close(op.matmat(V), V @ H, rtol=0, atol=1e-12)
 
 
-def test_auto_method_times_both_keeps_the_faster_and_caches_it(monkeypatch):
-    """"auto" times each method on the first product (single and block separately), keeps the faster,
-    and an operator built again on the same model and batch shapes reuses the choice without timing."""
+def fake_clock(monkeypatch, cost, fail=()):
+    """Products "take" ``cost[method]`` seconds of a fake clock, whatever the machine does; the methods in
+    ``fail`` raise as torch.func does on a model it cannot trace. Returns the log of timed calls."""
     import sgdscope.curvature.hessian as hess
 
+    monkeypatch.setattr(hess, "AUTO_CHOICES", {})
+    clock, log = {"t": 0.0}, []
+    real = HessianOperator._hvp
+
+    def fake(self, method, *a, **kw):
+        log.append(method)
+        if method in fail:
+            raise RuntimeError("cannot trace")
+        clock["t"] += cost[method]
+        return real(self, method, *a, **kw)
+
+    monkeypatch.setattr(HessianOperator, "_hvp", fake)
+    monkeypatch.setattr(hess.time, "perf_counter", lambda: clock["t"])
+    return log
+
+
+def test_auto_method_times_every_method_keeps_the_fastest_and_caches_it(monkeypatch):
+    """"auto" times each method on the first product (single products by HVP_METHODS, blocks by
+    BLOCK_METHODS, interleaved), keeps the fastest, and an operator built again on the same model and
+    batch shapes reuses the choice without timing."""
     model = mlp()
     batches = [data(9)]
-    monkeypatch.setattr(hess, "AUTO_CHOICES", {})
-    # a fake clock: jvp products "take" 1 s, double-backward ones 3 s, whatever the machine does
-    clock = {"t": 0.0, "method": None}
-    real = {m: getattr(HessianOperator, f"_hvp_{m.replace('-', '_')}") for m in HVP_METHODS}
-    for m in HVP_METHODS:
-        def fake(self, *a, _m=m, **kw):
-            clock["t"] += 1.0 if _m == "jvp" else 3.0
-            return real[_m](self, *a, **kw)
-        monkeypatch.setattr(HessianOperator, f"_hvp_{m.replace('-', '_')}", fake)
-    monkeypatch.setattr(hess.time, "perf_counter", lambda: clock["t"])
+    log = fake_clock(monkeypatch, {"jvp": 1.0, "double-backward": 3.0, "double-backward-batched": 0.5})
     auto = HessianOperator(model, cross_entropy, batches)
     assert auto.method is None and auto.block_method is None
     dense = auto.dense()  # a block: times the block products
-    assert auto.block_method == "jvp" and auto.method_timings["block"] == {"jvp": 1.0, "double-backward": 3.0}
+    assert auto.block_method == "double-backward-batched" and auto.method is None
+    assert auto.method_timings["block"] == {"jvp": 1.0, "double-backward": 3.0, "double-backward-batched": 0.5}
+    assert log[:6] == list(BLOCK_METHODS) * 2  # alternating rounds
     v = torch.randn(auto.n_params, dtype=F64)
     hv = auto.matvec(v)
     assert auto.method == "jvp" and auto.n_hvps == auto.n_params + 1
-    assert auto.n_timing_hvps == 2 * 2 * 2 + 2 * 2  # best of two per method (a block: 2 rows); not in n_hvps
+    assert auto.method_timings["single"] == {"jvp": 1.0, "double-backward": 3.0}
+    # best of two per method (a block on 2 rows); not in n_hvps
+    assert auto.n_timing_hvps == 2 * len(BLOCK_METHODS) * 2 + 2 * len(HVP_METHODS)
     exact = HessianOperator(model, cross_entropy, batches, method="double-backward")
     torch.testing.assert_close(dense, exact.dense())
     torch.testing.assert_close(hv, exact.matvec(v))
@@ -149,6 +169,58 @@ def test_auto_method_times_both_keeps_the_faster_and_caches_it(monkeypatch):
     other = HessianOperator(model, cross_entropy, [data(7)])  # another batch shape is timed afresh
     other.matvec(v[: other.n_params])
     assert other.n_timing_hvps == 4
+
+
+def test_auto_skips_a_method_that_fails_and_a_fixed_block_method_is_not_timed(monkeypatch):
+    model = mlp()
+    batches = [data(9)]
+    log = fake_clock(monkeypatch, {"jvp": 1.0, "double-backward": 3.0, "double-backward-batched": 0.5},
+                     fail=("jvp", "double-backward-batched"))
+    auto = HessianOperator(model, cross_entropy, batches)
+    auto.matmat(torch.randn(3, auto.n_params, dtype=F64))
+    assert auto.block_method == "double-backward" and auto.method_timings["block"]["jvp"] == float("inf")
+    assert auto.n_timing_hvps == 2 * 2  # only the method that ran counts, best of two on 2 rows
+    assert log.count("jvp") == 1  # a failed method is not tried again
+    log.clear()
+    mixed = HessianOperator(model, cross_entropy, batches, method="double-backward", block_method="auto")
+    assert mixed.method == "double-backward" and mixed.block_method is None
+    fixed = HessianOperator(model, cross_entropy, batches, method="auto", block_method="double-backward")
+    fixed.matmat(torch.randn(3, fixed.n_params, dtype=F64))
+    assert fixed.block_method == "double-backward" and fixed.n_timing_hvps == 0 and log == ["double-backward"]
+
+
+@pytest.mark.parametrize("block_method", BLOCK_METHODS)
+def test_every_block_method_matches_the_dense_hessian_and_the_single_products(block_method):
+    """Two oracles per block kernel: the dense autograd Hessian, and a loop of single products by the
+    other route (forward over reverse for the double backwards, double backward for jvp)."""
+    model = mlp(sizes=(5, 8, 8, 3))
+    batches = split_batches(*data(30), 12)
+    H = oracle_hessian(model, batches)
+    op = HessianOperator(model, cross_entropy, batches, block_method=block_method,
+                         method="double-backward" if block_method == "jvp" else "jvp")
+    V = torch.randn(5, op.n_params, dtype=F64)
+    block = op.matmat(V)
+    torch.testing.assert_close(block, V @ H, rtol=0, atol=1e-12)
+    torch.testing.assert_close(block, torch.stack([op.matvec(v) for v in V]), rtol=0, atol=1e-12)
+    assert op.block_method == block_method and op.n_hvps == 10
+
+
+def test_float32_products_agree_across_methods_to_round_off():
+    """In float32 every route gives the float64 product to round-off, on a ReLU MLP (whose double backward
+    goes through threshold_backward's zero second derivative)."""
+    model = mlp(sizes=(6, 16, 16, 4), act=nn.ReLU).float()
+    x, y = data(40, shape=(6,), classes=4)
+    batches = split_batches(x.float(), y, 16)
+    exact = HessianOperator(mlp(sizes=(6, 16, 16, 4), act=nn.ReLU), cross_entropy, split_batches(x, y, 16),
+                            method="double-backward")
+    V = torch.randn(3, exact.n_params, dtype=F64)
+    want = exact.matmat(V)
+    for m in BLOCK_METHODS:
+        op = HessianOperator(model, cross_entropy, batches, method=m if m in HVP_METHODS else "jvp", block_method=m)
+        got = op.matmat(V.float()).double()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        torch.testing.assert_close(op.matvec(V[0].float()).double(), want[0], rtol=0,
+                                   atol=1e-5 * float(want.abs().max()))
 
 
 def test_uneven_batches_weighted_exactly():
@@ -179,8 +251,8 @@ def test_gradient_matches_autograd():
 
 
 @pytest.mark.parametrize("policy", ["eval", "train-restore", "train"])
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_batchnorm_cnn_each_policy(policy, method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_batchnorm_cnn_each_policy(policy, kernel):
     model = cnn()
     x, y = data(17, shape=(1, 5, 5))
     batches = [(x[:10], y[:10]), (x[10:], y[10:])]
@@ -189,7 +261,7 @@ def test_batchnorm_cnn_each_policy(policy, method):
     model.eval() if policy == "eval" else model.train()
     H = oracle_hessian(model, batches)
     model.train()
-    op = HessianOperator(model, cross_entropy, batches, bn_policy=policy, method=method)
+    op = HessianOperator(model, cross_entropy, batches, bn_policy=policy, **kernel)
     torch.testing.assert_close(op.dense(), H, rtol=0, atol=1e-11)
     for k, v in model.state_dict().items():  # no policy lets an HVP write the running statistics
         assert torch.equal(v, before[k]), k
@@ -205,8 +277,8 @@ def test_train_and_eval_hessians_differ_with_batchnorm():
     assert (ev - tr).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_train_restore_leaves_no_trace(method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_train_restore_leaves_no_trace(kernel):
     model = cnn(dropout=0.5)
     x, y = data(12, shape=(1, 5, 5))
     sgd_steps(model, x, y, 2, lr=0.1)
@@ -217,7 +289,7 @@ def test_train_restore_leaves_no_trace(method):
     torch.manual_seed(123)
     rng = torch.get_rng_state()
 
-    op = HessianOperator(model, cross_entropy, [(x[:8], y[:8]), (x[8:], y[8:])], method=method)
+    op = HessianOperator(model, cross_entropy, [(x[:8], y[:8]), (x[8:], y[8:])], **kernel)
     v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(0), dtype=F64)
     first = op.matvec(v)
     block = op.matmat(torch.stack([v, 2 * v, v.flip(0)]))
@@ -260,8 +332,8 @@ def test_both_methods_give_one_symmetric_operator_on_a_dropout_model(kind):
     model, batches = dropout_case(kind)
     H = oracle_hessian(model, batches, mask_seed=3)
     dense = {}
-    for method in HVP_METHODS:
-        op = HessianOperator(model, cross_entropy, batches, method=method, mask_seed=3)
+    for method, kernel in zip(KERNEL_IDS, KERNELS):
+        op = HessianOperator(model, cross_entropy, batches, **kernel, mask_seed=3)
         dense[method] = op.dense()  # a block product: vmap (jvp) or one graph per block (double backward)
         torch.testing.assert_close(dense[method], H, rtol=0, atol=1e-11)
         v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -285,12 +357,12 @@ def test_the_mask_seed_chooses_the_operator():
     assert torch.equal(dense(1, "eval"), dense(2, "eval"))  # no dropout in eval mode
 
 
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_gradient_and_products_share_the_masks(method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_gradient_and_products_share_the_masks(kernel):
     # Central differences of the gradient along v equal Hv only if the gradient at θ ± εv and the product
     # use one set of masks; with fresh masks the difference quotient would be O(1/ε).
     model, batches = dropout_case("mlp")
-    op = HessianOperator(model, cross_entropy, batches, method=method, mask_seed=4)
+    op = HessianOperator(model, cross_entropy, batches, **kernel, mask_seed=4)
     theta = get_flat(model)
     v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(2), dtype=F64)
     hv = op.matvec(v)
@@ -307,13 +379,13 @@ def test_gradient_and_products_share_the_masks(method):
 
 
 @pytest.mark.parametrize("policy", BN_POLICIES)
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_products_leave_rng_and_batchnorm_as_found_under_every_policy(policy, method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_products_leave_rng_and_batchnorm_as_found_under_every_policy(policy, kernel):
     model, batches = dropout_case("cnn")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(21)
     rng = torch.get_rng_state()
-    op = HessianOperator(model, cross_entropy, batches, bn_policy=policy, method=method)
+    op = HessianOperator(model, cross_entropy, batches, bn_policy=policy, **kernel)
     v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(0), dtype=F64)
     first = op.matvec(v)
     op.matmat(torch.stack([v, -v]))
@@ -343,14 +415,14 @@ class TwoInputs(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["tuple", "dict"])
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_inputs_of_any_form(form, method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_inputs_of_any_form(form, kernel):
     plain, batches = dropout_case("mlp")
     model = TwoInputs().train()
     split = (lambda x: (x[:, :2], x[:, 2:])) if form == "tuple" else (lambda x: {"b": x[:, 2:], "a": x[:, :2]})
     formed = [(split(x), y) for x, y in batches]
-    op = HessianOperator(model, cross_entropy, formed, method=method)
-    ref = HessianOperator(plain, cross_entropy, batches, method=method)
+    op = HessianOperator(model, cross_entropy, formed, **kernel)
+    ref = HessianOperator(plain, cross_entropy, batches, **kernel)
     torch.testing.assert_close(op.dense(), ref.dense(), rtol=0, atol=1e-12)
     torch.testing.assert_close(op.gradient(), ref.gradient(), rtol=0, atol=1e-12)
 
@@ -386,17 +458,17 @@ def padded_lm_batches(lengths, vocab=5, seed=0):
     return batches, (torch.cat(xs)[None], torch.cat(ys)[None])
 
 
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_padding_weighs_as_the_unpadded_concatenation(method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_padding_weighs_as_the_unpadded_concatenation(kernel):
     model = TokenModel()
     batches, whole = padded_lm_batches([[5, 2, 4], [1, 3], [0, 0]])  # the last batch is all padding
     H = oracle_hessian(model, [whole])
-    op = HessianOperator(model, cross_entropy, batches, method=method, ignore_index=-100)
+    op = HessianOperator(model, cross_entropy, batches, **kernel, ignore_index=-100)
     torch.testing.assert_close(op.dense(), H, rtol=0, atol=1e-12)
-    ref = HessianOperator(model, cross_entropy, [whole], method=method)
+    ref = HessianOperator(model, cross_entropy, [whole], **kernel)
     torch.testing.assert_close(op.gradient(), ref.gradient(), rtol=0, atol=1e-12)
     # counting the padding as targets weighs the two real batches 15:6 instead of 11:4
-    wrong = HessianOperator(model, cross_entropy, batches[:2], method=method).dense()
+    wrong = HessianOperator(model, cross_entropy, batches[:2], **kernel).dense()
     assert (wrong - H).abs().max() > 1e-4
 
 
@@ -425,11 +497,11 @@ class WithUnused(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-@pytest.mark.parametrize("method", HVP_METHODS)
-def test_unused_and_frozen_parameters(method):
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_unused_and_frozen_parameters(kernel):
     model = WithUnused()
     batches = [data(9)]
-    op = HessianOperator(model, cross_entropy, batches, method=method)
+    op = HessianOperator(model, cross_entropy, batches, **kernel)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert "a.bias" not in names and op.n_params == 40 + 27 + 10
     H = op.dense()

@@ -13,12 +13,13 @@ from sgdscope.curvature.estimators import (
     spectral_density,
 )
 from sgdscope.curvature.ggn import FisherOperator, GGNOperator
-from sgdscope.curvature.hessian import HVP_METHODS, HessianOperator
+from sgdscope.curvature.hessian import BLOCK_METHODS, HVP_METHODS, HessianOperator
 
 # the operators the eigen probe's ``curvature`` option names; all take HessianOperator's keywords
 CURVATURES = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
 
 __all__ = [
+    "BLOCK_METHODS",
     "CURVATURES",
     "EigenResult",
     "FisherOperator",

@@ -7,12 +7,14 @@ each (inputs ``x_b`` of any form of :mod:`sgdscope.losses`), the loss is the exa
     L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b  +  λ Σ_i θ_i²,
 
 and the operator applies its Hessian H = Σ_b (n_b / N) ∇²L_b(θ) + 2λI to vectors, without forming it.
-Two exact ways to get a Hessian-vector product (HVP) are offered:
+Exact Hessian-vector products (HVPs) come from :mod:`sgdscope.curvature.hvp`, by one of two routes:
 
-* ``"jvp"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``: Hv = d/dt ∇L(θ + t v) at 0;
-  a block of vectors goes through ``torch.func.vmap`` so the forward/backward work is shared.
-* ``"double-backward"``: reverse-over-reverse, Hv = ∇_θ ⟨∇L(θ), v⟩ with ``torch.autograd.grad``; a block
-  shares one forward and first backward and runs the second backward per vector on the retained graph.
+* ``"jvp"``: forward over reverse, Hv = d/dt ∇L(θ + t v) at 0: a single product carries dual numbers
+  (``torch.autograd.forward_ad``) through one forward and backward pass; a block goes through
+  ``torch.func.vmap`` of ``jvp`` of ``grad``, so the primal forward/backward work is shared.
+* ``"double-backward"``: reverse over reverse, Hv = ∇_θ ⟨∇L(θ), v⟩ with ``torch.autograd.grad``; a block
+  shares one forward and first backward and runs the second backward per vector on the retained graph,
+  or (block method ``"double-backward-batched"``) as one backward vmapped over the block.
 
 Every product runs inside :func:`sgdscope.policy.measurement_mode`, and the BatchNorm buffers the forward
 passes see are private copies, so no product ever writes the model's running statistics (under any
@@ -30,17 +32,20 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
 
+from sgdscope.curvature import hvp
 from sgdscope.curvature.flat import ParamFilter, flatten, named_trainable, unflatten
 from sgdscope.losses import Batch, Inputs, LossFn, functional_forward, weigh
 from sgdscope.policy import check_policy, fixed_masks, measurement_mode
 
 HVP_METHODS = ("jvp", "double-backward")
-# "auto" times both methods on the operator's first product and keeps the faster, per model and batch shape
-# (:data:`AUTO_CHOICES`), because neither wins everywhere: on 2 CPU cores double backward was 1.3-2.4x
-# cheaper on MLPs (torch.func's per-call set-up dominates small models) and jvp 17% cheaper on SimpleCNN
-# (bench/results/curvature.json, "costs"); a GPU can reorder them again.
+BLOCK_METHODS = HVP_METHODS + ("double-backward-batched",)
+# "auto" times the methods on the operator's first products and keeps the fastest, per model and batch
+# shape (:data:`AUTO_CHOICES`), because none wins everywhere: on one CPU thread double backward is the
+# cheaper single product on MLPs and forward over reverse on SimpleCNN (the double backward of a
+# convolution spends extra time in transposed-layout convolutions); the batched second backward wins
+# blocks only on small models, where per-operation overhead dominates (bench/results/curvature.json,
+# "kernels"); the allocator (page faults, see bench/README.md) and a GPU can reorder them again.
 AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 _AUTO_REPEATS = 2  # the first call of a method pays one-off set-up: its best of two is what is compared
 
@@ -59,12 +64,14 @@ class HessianOperator:
     product write the BatchNorm running statistics or move a global RNG. Where dropout is active, batch b
     uses the masks of ``fixed_masks(mask_seed, b)`` in every product and in the gradient (``None``: the
     default seed), so the operator is a deterministic function of the parameters.
-    ``method``: "jvp", "double-backward", or "auto": the first single product and the first block are
-    each timed by both methods on the first batch (a block on two of its rows; best of two calls each; these timing products are
-    counted in ``n_timing_hvps``, not ``n_hvps``) and the faster is kept, cached in :data:`AUTO_CHOICES`
-    per model, batch shapes, device, dtype and policy, so the operators a tracker builds step after step
-    time once. ``method_timings`` holds the seconds compared. Blocks are applied ``max_block`` vectors at a
-    time to bound memory.
+    ``method``: "jvp", "double-backward", or "auto"; ``block_method``: one of :data:`BLOCK_METHODS`, or
+    None for the same as ``method`` ("auto" included). Under "auto" the first single product is timed by
+    each of :data:`HVP_METHODS` and the first block by each of :data:`BLOCK_METHODS`, on the first batch
+    (a block on two of its rows), the methods interleaved, best of two calls each (wall clock; these timing
+    products are counted in ``n_timing_hvps``, not ``n_hvps``); the fastest is kept, cached in
+    :data:`AUTO_CHOICES` per model, batch shapes, device, dtype and policy, so the operators a tracker
+    builds step after step time once. ``method_timings`` holds the seconds compared. Blocks are applied
+    ``max_block`` vectors at a time to bound memory.
 
     Attributes: ``n_params``, ``device``, ``dtype``, ``method`` (the HVP method of single products, None
     under "auto" until the first one), ``block_method`` (of blocks) and ``n_hvps`` (products applied so
@@ -99,6 +106,7 @@ class HessianOperator:
         method: str = "auto",
         max_block: int = 16,
         *,
+        block_method: str | None = None,
         ignore_index: int | None = None,
         mask_seed: int | None = None,
     ) -> None:
@@ -110,6 +118,10 @@ class HessianOperator:
             raise ValueError(f"HessianOperator: {e}") from None
         if method not in ("auto",) + HVP_METHODS:
             raise ValueError(f"HessianOperator: method {method!r} is not one of auto, {', '.join(HVP_METHODS)}")
+        block_method = method if block_method is None else block_method
+        if block_method not in ("auto",) + BLOCK_METHODS:
+            raise ValueError(f"HessianOperator: block_method {block_method!r} is not one of auto, "
+                             f"{', '.join(BLOCK_METHODS)}")
         if max_block < 1:
             raise ValueError("HessianOperator: max_block must be at least 1")
         named = named_trainable(model, param_filter)
@@ -117,9 +129,9 @@ class HessianOperator:
             raise ValueError("HessianOperator: no trainable parameter passes param_filter")
         self.model, self.loss_fn, self.bn_policy = model, loss_fn, bn_policy
         self.ignore_index, self.mask_seed = ignore_index, mask_seed
-        self.auto = method == "auto"
-        self.method = None if self.auto else method
-        self.block_method = None if self.auto else method
+        self.auto = "auto" in (method, block_method)
+        self.method = None if method == "auto" else method
+        self.block_method = None if block_method == "auto" else block_method
         self.method_timings: dict[str, dict[str, float]] = {}
         self.n_timing_hvps = 0
         self.max_block = max_block
@@ -148,42 +160,15 @@ class HessianOperator:
 
     # -- products -----------------------------------------------------------------------------------
 
-    def _hvp_jvp(self, params: dict[str, Tensor], tangents: dict[str, Tensor], batch: Batch, scale: float, block: bool):
-        g = grad(lambda p: self._loss(p, *batch, scale))
+    def _hvp(self, method: str, params: dict[str, Tensor], tangents: dict[str, Tensor], batch: Batch, scale: float,
+             block: bool) -> dict[str, Tensor]:
+        """Batch ``batch``'s term of H v (``block``: of each row of the tangents) by ``method``."""
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            return self._loss(p, *batch, scale)
 
-        def one(t: dict[str, Tensor]) -> dict[str, Tensor]:
-            return jvp(g, (params,), (t,))[1]
-
-        # randomness="same": the block draws the masks of one product, from the seed fixed_masks set, so a
-        # block row equals the single product with the same vector.
-        return vmap(one, randomness="same")(tangents) if block else one(tangents)
-
-    def _hvp_double_backward(
-        self, params: dict[str, Tensor], tangents: dict[str, Tensor], batch: Batch, scale: float, block: bool
-    ):
-        leaves = {n: p.requires_grad_() for n, p in params.items()}
-        names = list(leaves)
-        rows = [{n: t[j] for n, t in tangents.items()} for j in range(len(tangents[names[0]]))] if block else [tangents]
-        out = []
-        with torch.enable_grad():
-            loss = self._loss(leaves, *batch, scale)
-            gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, materialize_grads=True)
-            # Gradients of parameters the loss does not reach are materialised constants: nothing to
-            # differentiate, and autograd refuses them as outputs.
-            live = [(g, n) for g, n in zip(gs, names) if g.requires_grad]
-            # One forward and first backward serve the whole block; the second backward runs per vector
-            # on the retained graph. On CPU this beat is_grads_batched, whose vmap costs more than the
-            # loop it saves: block of 5 / one HVP 3.4-3.9 against 4.2-4.8 (MLPs, SimpleCNN; 1 thread).
-            for j, t in enumerate(rows):
-                hv = torch.autograd.grad(
-                    [g for g, _ in live],
-                    list(leaves.values()),
-                    grad_outputs=[t[n] for _, n in live],
-                    allow_unused=True,
-                    retain_graph=j < len(rows) - 1,
-                ) if live else [None] * len(names)
-                out.append({n: torch.zeros_like(params[n]) if h is None else h for n, h in zip(names, hv)})
-        return {n: torch.stack([o[n] for o in out]) for n in names} if block else out[0]
+        if method == "jvp":
+            return hvp.jvp_block(loss, params, tangents) if block else hvp.forward_over_reverse(loss, params, tangents)
+        return hvp.reverse_over_reverse(loss, params, tangents, block, batched=method == "double-backward-batched")
 
     def _auto_key(self, block: bool) -> tuple:
         def shape(x: Inputs) -> tuple:
@@ -197,21 +182,36 @@ class HessianOperator:
         return (id(self.model), type(self.model).__qualname__, self.n_params, batches, str(self.device),
                 str(self.dtype), self.bn_policy, block)
 
-    def _time(self, method: str, params: dict[str, Tensor], tangents: dict[str, Tensor], block: bool) -> float:
-        """Seconds of one product by ``method`` on the first batch, best of ``_AUTO_REPEATS`` calls."""
+    def _time(self, methods: Sequence[str], params: dict[str, Tensor], tangents: dict[str, Tensor],
+              block: bool) -> dict[str, float]:
+        """Seconds of one product on the first batch by each of ``methods``, best of ``_AUTO_REPEATS``
+        rounds; the methods alternate within a round, so a slow spell of the machine hits them alike. A
+        method that fails (e.g. torch.func cannot trace the model) gets inf; the last one's error is raised
+        if all fail."""
         b, batch, scale = self._terms[0]
-        hvp = self._hvp_jvp if method == "jvp" else self._hvp_double_backward
-        best = math.inf
+        best = dict.fromkeys(methods, math.inf)
+        failed: dict[str, RuntimeError] = {}
         for _ in range(_AUTO_REPEATS):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
-            with fixed_masks(self.mask_seed, b, self.device):
-                hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            best = min(best, time.perf_counter() - t0)
+            for method in methods:
+                if method in failed:
+                    continue
+                self._sync()
+                t0 = time.perf_counter()
+                try:
+                    with fixed_masks(self.mask_seed, b, self.device):
+                        self._hvp(method, params, tangents, batch, scale, block)
+                except RuntimeError as e:
+                    failed[method] = e
+                    continue
+                self._sync()
+                best[method] = min(best[method], time.perf_counter() - t0)
+        if len(failed) == len(methods):
+            raise failed[methods[-1]]
         return best
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _choose(self, params: dict[str, Tensor], tangents: dict[str, Tensor], block: bool, m: int) -> str:
         """The method for this kind of product: fixed, cached, or timed now (see the class docstring)."""
@@ -223,15 +223,9 @@ class HessianOperator:
             if block:  # two rows show how each method batches, at a fraction of a large block's cost
                 m = min(m, 2)
                 tangents = {n: t[:m] for n, t in tangents.items()}
-            timings = {}
-            for meth in HVP_METHODS:
-                try:
-                    timings[meth] = self._time(meth, params, tangents, block)
-                except RuntimeError:  # e.g. torch.func cannot trace this model (jvp of a ZeroTensor grad)
-                    if meth == HVP_METHODS[-1] and not timings:
-                        raise
-                    timings[meth] = math.inf
-            self.n_timing_hvps += _AUTO_REPEATS * len(HVP_METHODS) * m
+            methods = BLOCK_METHODS if block else HVP_METHODS
+            timings = self._time(methods, params, tangents, block)
+            self.n_timing_hvps += _AUTO_REPEATS * sum(math.isfinite(t) for t in timings.values()) * m
             AUTO_CHOICES[key] = (min(timings, key=timings.get), timings)
         chosen, self.method_timings["block" if block else "single"] = AUTO_CHOICES[key]
         if block:
@@ -246,11 +240,9 @@ class HessianOperator:
         out = self._l2 * V
         with measurement_mode(self.model, self.bn_policy), torch.no_grad():
             method = self._choose(params, tangents, block, V.shape[0] if block else 1)
-            hvp = self._hvp_jvp if method == "jvp" else self._hvp_double_backward
             for b, batch, scale in self._terms:
                 with fixed_masks(self.mask_seed, b, self.device):
-                    hv = hvp({n: p.detach() for n, p in params.items()}, tangents, batch, scale, block)
-                out += flatten((hv[n] for n in self._names), batch_dims=V.ndim - 1)
+                    hvp.add_into(out, self._hvp(method, params, tangents, batch, scale, block), self._names)
         self.n_hvps += V.shape[0] if block else 1
         return out
 
@@ -278,11 +270,15 @@ class HessianOperator:
         of the products; no HVP is counted."""
         params = self._params()
         out = self._l2 * flatten(params.values())
-        with measurement_mode(self.model, self.bn_policy), torch.no_grad():
+        with measurement_mode(self.model, self.bn_policy), torch.enable_grad():
             for b, batch, scale in self._terms:
+                leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
                 with fixed_masks(self.mask_seed, b, self.device):
-                    g = grad(lambda p: self._loss(p, *batch, scale))(params)
-                out += flatten(g[n] for n in self._names)
+                    loss = self._loss(leaves, *batch, scale)
+                if loss.requires_grad:  # a loss that does not reach the measured parameters has gradient 0
+                    g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                    hvp.add_into(out, {n: torch.zeros_like(p) if gi is None else gi
+                                       for (n, p), gi in zip(params.items(), g)}, self._names)
         return out
 
     def __repr__(self) -> str:
