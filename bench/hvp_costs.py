@@ -25,9 +25,10 @@ carries the bytes allocated or freed; the peak of their running sum). This count
 Python heap or oneDNN's own scratch) and is exact and deterministic, unlike RSS, which the allocator's
 retained pages blur.
 
-Basis memory: the solver keeps V and HV (each capacity × n floats) in buffers that double from 16 rows up
-to the first capacity ≥ ``max_basis`` (default max(4(k + 3), 40) = 40 for k = 5, so 64 rows); a cold
-top-5 solve is run with the buffers observed, and its peak profiled, where a solve fits the budget.
+Basis memory: the solver keeps V and HV (each max_basis × n floats, taken at once) with ``max_basis``
+defaulting to max(4(k + 3), 40) = 40 for k = 5, plus the Ritz vectors and residuals of one iteration
+(2(k + 3 + 1) × n); a cold top-5 solve is run with the buffers observed, and its peak profiled, where a
+solve fits the budget.
 """
 
 from __future__ import annotations
@@ -160,11 +161,11 @@ def basis_memory(op: HessianOperator, solve: bool, k: int = 5) -> dict:
     """The eigensolver's basis buffers for a cold top-k: the formula, and (``solve``) what one solve held."""
     bytes_per = torch.finfo(op.dtype).bits // 8
     max_basis = min(op.n_params, max(4 * (k + 3), 40))
-    cap = 16
-    while cap < max_basis:
-        cap *= 2
-    out = {"formula": "2 x capacity x n x bytes (V and HV); capacity doubles from 16 to the first >= max_basis",
-           "max_basis": max_basis, "capacity": cap, "bytes": 2 * cap * op.n_params * bytes_per}
+    # KrylovBasis takes its stated bound at once (curvature/krylov.py): V and HV, then one iteration's
+    # Ritz vectors and residuals of the k + guard + 1 kept pairs
+    out = {"formula": "2 x max_basis x n x bytes (V and HV) + 2 x (k + 3 + 1) x n x bytes (Ritz vectors, residuals)",
+           "max_basis": max_basis, "capacity": max_basis,
+           "bytes": 2 * (max_basis + k + 4) * op.n_params * bytes_per}
     if solve:
         from sgdscope.curvature import krylov  # noqa: PLC0415
 
