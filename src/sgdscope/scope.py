@@ -16,7 +16,6 @@ import torch
 
 import sgdscope
 from sgdscope import distributed
-from sgdscope.errors import RunStoreError
 from sgdscope.measure.scope import Scope as _MeasureScope
 from sgdscope.measure.scope import StepRecord
 from sgdscope.store import RunStore
@@ -25,17 +24,12 @@ __all__ = ["Scope", "StepRecord"]
 
 
 def _open_directory(out: Path, resume: bool, config: dict[str, Any]) -> RunStore:
-    if out.exists() and not out.is_dir():
-        raise RunStoreError(f"{out}: exists and is not a directory; choose another out")
+    RunStore.check_target(out, resume, resume_hint="resume=True", out_hint="out")
     if resume:
-        if not out.is_dir():
-            raise RunStoreError(f"{out}: cannot resume, no such run directory")
         store = RunStore(out)
         store.acquire_writer()
         store.set_status("running")
         return store
-    if out.exists() and any(out.iterdir()):
-        raise RunStoreError(f"{out}: already exists and is not empty; pass resume=True to continue it or choose out")
     return RunStore.create(out, config, writer=True)
 
 

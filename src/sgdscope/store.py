@@ -100,6 +100,21 @@ class RunStore:
         self._side_files: set[Path] = set()  # SQLite's -wal/-shm files that did not exist before this store opened
 
     # ------------------------------------------------------------------------------------------ creation
+    @staticmethod
+    def check_target(path: str | Path, resume: bool, *, resume_hint: str, out_hint: str) -> None:
+        """Raise :class:`RunStoreError` unless ``path`` can hold the run: a directory to resume, or for a new
+        run a path that is absent or an empty directory. The hints name the caller's own spelling of the
+        resume switch and of the output (``resume=True`` / ``out`` in Python, ``--resume`` / ``--out`` on
+        the command line), so the one line says what to change."""
+        p = Path(path)
+        if resume and not p.is_dir():
+            raise RunStoreError(f"{p}: cannot resume, no such run directory (drop {resume_hint} to start it)")
+        if p.exists() and not p.is_dir():
+            raise RunStoreError(f"{p}: exists and is not a directory; choose another {out_hint}")
+        if not resume and p.exists() and any(p.iterdir()):
+            raise RunStoreError(f"{p}: already exists and is not empty; pass {resume_hint} to continue it "
+                                f"or choose another {out_hint}")
+
     @classmethod
     def create(cls, path: str | Path, config: Mapping[str, Any], *, writer: bool = False) -> "RunStore":
         """Make a new run directory holding ``config`` (already resolved) and a ``running`` status.

@@ -36,8 +36,6 @@ def _as_config(config: RunConfig | dict | str | Path) -> RunConfig:
 
 def _reopen(out: Path, want: dict[str, Any]) -> RunStore:
     """The run directory to resume: it must exist and hold the same config (``device`` aside)."""
-    if not out.is_dir():
-        raise RunStoreError(f"{out}: cannot resume, no such run directory (drop --resume to start it)")
     store = RunStore(out)
     have = {k: v for k, v in store.config().items() if k not in ("versions", "resolved")}
     diffs = [d for d in _diff(have, want) if not d.startswith("device ")]
@@ -79,11 +77,10 @@ def run(config: RunConfig | dict | str | Path, out: str | Path | None = None, *,
 def _claim(out: Path, want: dict[str, Any], resume: bool) -> tuple[RunStore | None, bool]:
     """Rank 0's checks of the run directory: the store to resume (its lock taken) or None for a new run,
     and whether that run is already done."""
-    store = _reopen(out, want) if resume else None
-    if store is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunStoreError(f"{out}: already exists and is not empty; pass --resume to continue it or choose --out")
-    if store is None:
+    RunStore.check_target(out, resume, resume_hint="--resume", out_hint="--out")
+    if not resume:
         return None, False
+    store = _reopen(out, want)
     try:
         store.acquire_writer()  # before reading its status: another writer may be finishing it
         done = store.status().get("state") == "done"
