@@ -310,3 +310,30 @@ def test_epoch_ends_marked_inside_the_block_or_by_steps_per_epoch():
     with pytest.raises(ValueError, match="record_epoch"):
         auto.end_epoch(val_acc=1.0)
     assert auto.table("epoch")["epoch"].tolist() == [1]
+
+
+def test_the_hvp_methods_auto_chose_are_kept_for_the_run_and_its_resumption(monkeypatch):
+    """The first solve's "auto" choice is reused by every later operator and travels in state_dict, so a
+    resumed run does not time afresh (a near tie on a busy machine could pick another method)."""
+    from sgdscope.curvature import hessian
+
+    torch.manual_seed(0)
+    m, xy = nn.Linear(3, 2), (torch.randn(16, 3), torch.randn(16, 2))
+    scope = Scope(m, F.mse_loss, xy, probes={"eigen": {"every": 1, "k": 2}})
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(2):
+        with scope.step(opt):
+            opt.zero_grad(); F.mse_loss(m(xy[0]), xy[1]).backward(); opt.step()
+    memo = scope.state_dict()
+    tracker = scope.env.tracker
+    assert set(tracker.hvp_methods) == {"single", "block"}  # a cold solve, then a warm block
+    op = tracker.operator(5)
+    assert (op.method, op.block_method) == (tracker.hvp_methods.get("single"), tracker.hvp_methods.get("block"))
+    monkeypatch.setattr(hessian, "AUTO_CHOICES", {})  # a fresh process: nothing cached
+    again = Scope(m, F.mse_loss, xy, probes={"eigen": {"every": 1, "k": 2}})
+    again.load_state_dict(memo)
+    assert again.env.tracker.hvp_methods == tracker.hvp_methods
+    with again.step(opt):
+        opt.zero_grad(); F.mse_loss(m(xy[0]), xy[1]).backward(); opt.step()
+    assert again.env.tracker.hvp_methods == tracker.hvp_methods
+    assert hessian.AUTO_CHOICES == {}  # nothing was timed: the restored choice was used

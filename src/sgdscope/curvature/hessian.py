@@ -48,6 +48,23 @@ BLOCK_METHODS = HVP_METHODS + ("double-backward-batched",)
 # "kernels"); the allocator (page faults, see bench/README.md) and a GPU can reorder them again.
 AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 _AUTO_REPEATS = 2  # the first call of a method pays one-off set-up: its best of two is what is compared
+# Another method replaces double backward only when it is faster by more than this share: methods that
+# nearly tie (blocks on small models) would otherwise be picked by the machine's noise, and two runs of
+# one config (or a run and its resumption) would differ in the last bits for no gain.
+AUTO_PREFERRED, AUTO_MARGIN = "double-backward", 0.10
+
+
+def pick(timings: dict[str, float]) -> str:
+    """The method "auto" keeps from measured seconds: the fastest, unless :data:`AUTO_PREFERRED` is within
+    :data:`AUTO_MARGIN` of it, t_pref ≤ (1 + margin)·t_min (then the preferred one: a tie is not a reason to
+    switch).
+
+    >>> pick({"jvp": 1.0, "double-backward": 1.05}), pick({"jvp": 1.0, "double-backward": 1.2})
+    ('double-backward', 'jvp')
+    """
+    best = min(timings, key=timings.get)
+    pref = timings.get(AUTO_PREFERRED, math.inf)
+    return AUTO_PREFERRED if math.isfinite(pref) and pref <= (1 + AUTO_MARGIN) * timings[best] else best
 
 
 class HessianOperator:
@@ -68,7 +85,8 @@ class HessianOperator:
     None for the same as ``method`` ("auto" included). Under "auto" the first single product is timed by
     each of :data:`HVP_METHODS` and the first block by each of :data:`BLOCK_METHODS`, on the first batch
     (a block on two of its rows), the methods interleaved, best of two calls each (wall clock; these timing
-    products are counted in ``n_timing_hvps``, not ``n_hvps``); the fastest is kept, cached in
+    products are counted in ``n_timing_hvps``, not ``n_hvps``); the fastest is kept (double backward
+    unless another beats it by more than 10%, :func:`pick`), cached in
     :data:`AUTO_CHOICES` per model, batch shapes, device, dtype and policy, so the operators a tracker
     builds step after step time once. ``method_timings`` holds the seconds compared. Blocks are applied
     ``max_block`` vectors at a time to bound memory.
@@ -226,7 +244,7 @@ class HessianOperator:
             methods = BLOCK_METHODS if block else HVP_METHODS
             timings = self._time(methods, params, tangents, block)
             self.n_timing_hvps += _AUTO_REPEATS * sum(math.isfinite(t) for t in timings.values()) * m
-            AUTO_CHOICES[key] = (min(timings, key=timings.get), timings)
+            AUTO_CHOICES[key] = (pick(timings), timings)
         chosen, self.method_timings["block" if block else "single"] = AUTO_CHOICES[key]
         if block:
             self.block_method = chosen

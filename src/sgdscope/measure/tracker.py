@@ -19,6 +19,25 @@ from sgdscope.curvature import CURVATURES, EigenResult, HessianOperator, top_eig
 from sgdscope.measure.env import Env
 
 
+def method_kwargs(memo: dict[str, str]) -> dict[str, str]:
+    """An operator's ``method``/``block_method`` keywords from a memo that :func:`remember_methods` filled:
+    the methods chosen before, "auto" (timed) for what has not been chosen yet."""
+    return {"method": memo.get("single", "auto"), "block_method": memo.get("block", "auto")}
+
+
+def remember_methods(memo: dict[str, str], op: Any) -> None:
+    """Record in ``memo`` the HVP methods that ``op`` resolved ("auto" times them at its first products).
+
+    A measurement builds a new operator at every step; once "auto" has chosen, the memo keeps that choice
+    for the rest of the run and, in a checkpoint, for its resumption, which would otherwise time afresh and
+    could pick another method (two that nearly tie, on a busy machine) and so differ in the last bits."""
+    inner = getattr(op, "local", op)  # a ShardedOperator's own rank's operator (None: an empty shard)
+    for kind, attr in (("single", "method"), ("block", "block_method")):
+        chosen = getattr(inner, attr, None)
+        if chosen is not None and kind not in memo:
+            memo[kind] = chosen
+
+
 class EigenTracker:
     """Computes the top-``k`` eigenpairs at most once per step, each solve warm-started.
 
@@ -39,6 +58,8 @@ class EigenTracker:
         self.env, self.k, self.which, self.tol, self.max_hvps, self.n_params = env, k, which, tol, max_hvps, n
         self.tol_eig, self.curvature = tol_eig, curvature
         self.vectors = None
+        # the HVP methods "auto" chose at the first solve (remember_methods), kept in the checkpoint
+        self.hvp_methods: dict[str, str] = {}
         self._cache: Optional[tuple[int, EigenResult]] = None
         self._restored_last: Optional[tuple[int, Any]] = None  # `last` after a restore, until the next solve
 
@@ -50,7 +71,7 @@ class EigenTracker:
         return distributed.hessian_operator(
             env.model, env.loss_fn, env.measure_batches, bn_policy=env.bn_policy, weight_decay=env.l2,
             include_l2=env.l2 > 0, ignore_index=env.ignore_index, mask_seed=env.mask_seed("hessian", step),
-            cls=CURVATURES[self.curvature],
+            cls=CURVATURES[self.curvature], **method_kwargs(self.hvp_methods),
         )
 
     def get(self, step: int, k: Optional[int] = None) -> EigenResult:
@@ -63,13 +84,15 @@ class EigenTracker:
         if self._cache is not None and self._cache[0] == step and len(self._cache[1].values) >= want:
             return self._cache[1]
         self.k = want
+        op = self.operator(step)
         res = top_eigenpairs(
-            self.operator(step), k=want, which=self.which, tol=self.tol, tol_eig=self.tol_eig,
+            op, k=want, which=self.which, tol=self.tol, tol_eig=self.tol_eig,
             max_hvps=self.max_hvps, init=self.vectors, generator=self.env.generator("eigen-init", step),
         )
         # the next solve starts from every Ritz vector this one kept (its guard too, where it returns them)
         basis = getattr(res, "basis", None)
         self.vectors = basis if basis is not None else res.vectors
+        remember_methods(self.hvp_methods, op)
         self._cache = (step, res)
         return res
 
@@ -81,12 +104,13 @@ class EigenTracker:
         return self._restored_last
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vectors": self.vectors, "k": self.k, "last": self.last}
+        return {"vectors": self.vectors, "k": self.k, "last": self.last, "hvp_methods": dict(self.hvp_methods)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         v = state.get("vectors")
         self.vectors = v.to(self.env.device) if v is not None else None
         self.k = max(self.k, int(state.get("k", self.k)))
         self._cache = None
+        self.hvp_methods = dict(state.get("hvp_methods", {}))
         last = state.get("last")
         self._restored_last = (int(last[0]), last[1]) if last is not None else None

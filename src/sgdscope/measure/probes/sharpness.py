@@ -22,6 +22,7 @@ from sgdscope.errors import ConfigError
 from sgdscope.landscape import minibatch_indices
 from sgdscope.losses import take
 from sgdscope.measure.probes.base import Probe, Rows, StepInfo
+from sgdscope.measure.tracker import method_kwargs, remember_methods
 
 
 def _momentum(optimizer: Any) -> float:
@@ -56,10 +57,11 @@ class BatchSharpnessProbe(Probe):
             op = HessianOperator(
                 env.model, env.loss_fn, [(take(x, idx), y[idx])], bn_policy=env.bn_policy, weight_decay=env.l2,
                 include_l2=env.l2 > 0, ignore_index=env.ignore_index,
-                mask_seed=env.mask_seed(f"batch-sharpness/{j}", info.step),
+                mask_seed=env.mask_seed(f"batch-sharpness/{j}", info.step), **method_kwargs(self._methods),
             )
             res = top_eigenpairs(op, k=1, which="LA", tol=o.tol, max_hvps=o.max_hvps, init=init,
                                  generator=env.generator("batch-sharpness-init", info.step))
+            remember_methods(self._methods, op)
             values.append(float(res.values[0]))
             hvps, converged, init = hvps + res.n_hvps, converged + int(res.converged), res.basis
         v = torch.tensor(values, dtype=torch.float64)
@@ -73,6 +75,17 @@ class BatchSharpnessProbe(Probe):
             "n_batches": o.n_batches, "batch_size": env.minibatch_size, "n_hvps": hvps,
             "converged": int(converged == len(values)),
         }]}
+
+
+    def __init__(self, opts: Any, env: Any) -> None:
+        super().__init__(opts, env)
+        self._methods: dict[str, str] = {}  # the minibatch operators' HVP methods (tracker.remember_methods)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hvp_methods": dict(self._methods)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._methods = dict(state.get("hvp_methods", {}))
 
 
 class PreconditionedSharpnessProbe(Probe):
