@@ -76,7 +76,6 @@ class BatchSharpnessProbe(Probe):
             "converged": int(converged == len(values)),
         }]}
 
-
     def __init__(self, opts: Any, env: Any) -> None:
         super().__init__(opts, env)
         self._methods: dict[str, str] = {}  # the minibatch operators' HVP methods (tracker.remember_methods)
