@@ -47,7 +47,11 @@ BLOCK_METHODS = HVP_METHODS + ("double-backward-batched",)
 # blocks only on small models, where per-operation overhead dominates (bench/results/curvature.json,
 # "kernels"); the allocator (page faults, see bench/README.md) and a GPU can reorder them again.
 AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
-_AUTO_REPEATS = 2  # the first call of a method pays one-off set-up: its best of two is what is compared
+# The first call of a method pays one-off set-up, so each is timed at least twice and its best kept; a
+# product of a few milliseconds is timed again, up to _AUTO_MAX_ROUNDS rounds or _AUTO_BUDGET_S seconds in
+# all, because the best of two such is decided by the machine's noise (measured: a tiny MLP's two block
+# methods swapped places from run to run on a busy box).
+_AUTO_REPEATS, _AUTO_MAX_ROUNDS, _AUTO_BUDGET_S = 2, 10, 0.05
 # Another method replaces double backward only when it is faster by more than this share: methods that
 # nearly tie (blocks on small models) would otherwise be picked by the machine's noise, and two runs of
 # one config (or a run and its resumption) would differ in the last bits for no gain.
@@ -87,7 +91,7 @@ class HessianOperator:
     (a block on two of its rows), the methods interleaved, best of two calls each (wall clock; these timing
     products are counted in ``n_timing_hvps``, not ``n_hvps``); the fastest is kept (double backward
     unless another beats it by more than 10%, :func:`pick`), cached in
-    :data:`AUTO_CHOICES` per model, batch shapes, device, dtype and policy, so the operators a tracker
+    :data:`AUTO_CHOICES` per model class and parameter shapes, batch shapes, device, dtype and policy, so the operators a tracker
     builds step after step time once. ``method_timings`` holds the seconds compared. Blocks are applied
     ``max_block`` vectors at a time to bound memory.
 
@@ -197,19 +201,26 @@ class HessianOperator:
             return tuple(x.shape)
 
         batches = tuple((shape(x), tuple(y.shape)) for _, (x, y), _ in self._terms)
-        return (id(self.model), type(self.model).__qualname__, self.n_params, batches, str(self.device),
-                str(self.dtype), self.bn_policy, block)
+        # The model's class and parameter shapes, not its id: a fresh instance of the same model (a second
+        # run in one process) costs the same and so gets the same choice, and a freed model's id can be
+        # reused by a different one.
+        shapes = tuple((n, tuple(p.shape)) for n, p in named_trainable(self.model))
+        return (type(self.model).__qualname__, shapes, self.n_params, batches, str(self.device), str(self.dtype),
+                self.bn_policy, block)
 
     def _time(self, methods: Sequence[str], params: dict[str, Tensor], tangents: dict[str, Tensor],
-              block: bool) -> dict[str, float]:
+              block: bool) -> tuple[dict[str, float], int]:
         """Seconds of one product on the first batch by each of ``methods``, best of ``_AUTO_REPEATS``
-        rounds; the methods alternate within a round, so a slow spell of the machine hits them alike. A
-        method that fails (e.g. torch.func cannot trace the model) gets inf; the last one's error is raised
-        if all fail."""
+        rounds or more (up to ``_AUTO_MAX_ROUNDS`` while the rounds so far took under ``_AUTO_BUDGET_S``),
+        and the number of rounds run. The methods alternate within a round, so a slow spell of the machine
+        hits them alike. A method that fails (e.g. torch.func cannot trace the model) gets inf; the last
+        one's error is raised if all fail."""
         b, batch, scale = self._terms[0]
         best = dict.fromkeys(methods, math.inf)
         failed: dict[str, RuntimeError] = {}
-        for _ in range(_AUTO_REPEATS):
+        start, rounds = time.perf_counter(), 0
+        while rounds < _AUTO_REPEATS or (rounds < _AUTO_MAX_ROUNDS and time.perf_counter() - start < _AUTO_BUDGET_S):
+            rounds += 1
             for method in methods:
                 if method in failed:
                     continue
@@ -225,7 +236,7 @@ class HessianOperator:
                 best[method] = min(best[method], time.perf_counter() - t0)
         if len(failed) == len(methods):
             raise failed[methods[-1]]
-        return best
+        return best, rounds
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -242,8 +253,8 @@ class HessianOperator:
                 m = min(m, 2)
                 tangents = {n: t[:m] for n, t in tangents.items()}
             methods = BLOCK_METHODS if block else HVP_METHODS
-            timings = self._time(methods, params, tangents, block)
-            self.n_timing_hvps += _AUTO_REPEATS * sum(math.isfinite(t) for t in timings.values()) * m
+            timings, rounds = self._time(methods, params, tangents, block)
+            self.n_timing_hvps += rounds * sum(math.isfinite(t) for t in timings.values()) * m
             AUTO_CHOICES[key] = (pick(timings), timings)
         chosen, self.method_timings["block" if block else "single"] = AUTO_CHOICES[key]
         if block:
