@@ -172,15 +172,15 @@ def test_auto_method_times_every_method_keeps_the_fastest_and_caches_it(monkeypa
 
 
 def test_auto_keeps_double_backward_unless_another_method_is_clearly_faster(monkeypatch):
-    """A near tie (within 10%) is not a reason to switch: the noise of a busy machine would otherwise pick
+    """A near tie (within 25%) is not a reason to switch: the noise of a busy machine would otherwise pick
     the method, and two runs of one config would differ in the last bits."""
     model = mlp()
-    fake_clock(monkeypatch, {"jvp": 0.95, "double-backward": 1.0, "double-backward-batched": 0.92})
+    fake_clock(monkeypatch, {"jvp": 0.85, "double-backward": 1.0, "double-backward-batched": 0.82})
     near = HessianOperator(model, cross_entropy, [data(9)])
     near.matmat(torch.randn(3, near.n_params, dtype=F64))
     near.matvec(torch.randn(near.n_params, dtype=F64))
     assert near.method == near.block_method == "double-backward"
-    fake_clock(monkeypatch, {"jvp": 0.85, "double-backward": 1.0, "double-backward-batched": 0.80})
+    fake_clock(monkeypatch, {"jvp": 0.75, "double-backward": 1.0, "double-backward-batched": 0.70})
     clear = HessianOperator(model, cross_entropy, [data(8)])  # another batch shape: timed afresh
     clear.matmat(torch.randn(3, clear.n_params, dtype=F64))
     clear.matvec(torch.randn(clear.n_params, dtype=F64))
